@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast book bench browser-check clean help
+.PHONY: venv browser-deps test test-fast book bench clean help
 
 help:
 	@echo "make book    build the Jupyter Book into _build/html (executes every notebook; warnings fail)"
@@ -29,11 +29,19 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q -ra
+# Headless Chromium + ChromeDriver for the browser check of the built book (Debian packages; we run as root).
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+	  echo "installing chromium + chromium-driver (Debian)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+
+# Two xdist workers on two cores, one BLAS/OpenMP thread each (more threads oversubscribe the cores and make
+# the many small matrix products of proxy learning much slower).
+test: $(STAMP) browser-deps
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q -ra --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q -m "not slow"
 
 book: $(STAMP)
 	rm -rf _build
