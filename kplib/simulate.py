@@ -29,8 +29,10 @@ Geometry (all vectors in R^d; ``g, m, mu_1..mu_C`` are orthonormal, drawn at ran
   mean of class c+1 (systematically wrong names).
 - **Descriptions** (KPL prompt "a photo of a {class}, which has {description}"): each prompt embedding contains its
   class-name content (weight ``name_weight_in_prompt``), the domain, and either a class-relevant part
-  ``r · mu_c`` with a relevance strength ``r ~ U(0.2, 1) · relevance_strength`` (``relevant_fraction`` of the
-  descriptions) or an unrelated direction (irrelevant: a feature the images do not show). Texts are readable
+  ``r · mu_c + sqrt(1 - r²) · u`` (u an unrelated unit direction) with a relevance strength
+  ``r ~ U(0.2, 1) · relevance_strength`` (``relevant_fraction`` of the descriptions), or the unrelated direction
+  alone (irrelevant: a feature the images do not show). Feature parts thus have equal norm, so a stronger
+  relevance means a higher mean image similarity. Texts are readable
   placeholders such as ``"relevant feature 3 of class_1 (strength 0.72)"``; ``truth`` records which are relevant.
 - **Priors**: balanced, an explicit sequence, or ``imbalance = max/min`` with geometric decay over class index.
   Class counts are exact (largest-remainder rounding of ``n_images · priors``), image order is shuffled.
@@ -275,9 +277,24 @@ def make_world(
         is_rel[torch.randperm(m_k, generator=gen)[:n_rel]] = True
         r = (0.2 + 0.8 * torch.rand(m_k, generator=gen, dtype=torch.float64)) * rel
         r = torch.where(is_rel, r, torch.zeros_like(r))
-        unrelated = F.normalize(unit_noise(m_k), dim=-1)
-        part = torch.where(is_rel[:, None], r[:, None] * mu[k], unrelated)
-        w = lam * name_mean[k] + coh_t * m + part + sig_d * unit_noise(m_k)
+        # Each prompt = the class's shared part (name + domain) + a unit-length feature part orthogonal to it
+        # (+ noise). Relevant: r·f_k + sqrt(1-r²)·u, with f_k the class direction made orthogonal to the shared
+        # part; irrelevant: u alone (u unrelated to the images). The prompt's length before normalisation then
+        # does not depend on r, so a stronger relevance always means a higher mean image similarity (an earlier
+        # version let the length grow with r, which diluted the domain share and ranked weak features first).
+        shared = lam * name_mean[k] + coh_t * m
+        q_basis, _ = torch.linalg.qr(torch.stack([m, shared], dim=1))  # (d, 2) orthonormal
+
+        def orth(x: Tensor) -> Tensor:
+            return x - (x @ q_basis) @ q_basis.T
+
+        f_k = F.normalize(orth(mu[k]), dim=-1)
+        unrelated = orth(unit_noise(m_k))
+        unrelated = F.normalize(unrelated - (unrelated @ f_k)[:, None] * f_k, dim=-1)
+        r_t = r.to(unrelated.dtype)
+        rest = torch.sqrt(torch.clamp(1.0 - r_t * r_t, min=0.0))
+        part = torch.where(is_rel[:, None], r_t[:, None] * f_k + rest[:, None] * unrelated, unrelated)
+        w = shared + part + sig_d * orth(unit_noise(m_k))
         desc_content.append(F.normalize(w, dim=-1))
         relevant_masks.append(is_rel)
         strengths.append(r.float())

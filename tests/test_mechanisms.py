@@ -41,11 +41,11 @@ def _collapse_case(seed: int) -> dict:
 
 
 def _check_collapse(r: dict) -> None:
-    # measured, kpl_corrected, seeds 0/1/2/3: text-proxy share of the largest class .84/.84/.86/.88,
-    # text-proxy acc .41/.41/.38/.36, KPL acc .88/.83/.82/.83, proxy learning without OT ~ text proxy (.38/.38/.35/.35)
+    # measured, kpl_corrected, seeds 0/1: text-proxy share of the largest class .98/.98, text-proxy acc .27/.27,
+    # KPL acc .79/.78, proxy learning without OT ~ text proxy (.27/.27)
     assert r["zs_share"] >= 0.95, r  # zero-shot names: every image -> the attractor (measured 1.00)
     assert r["tp_share"] >= 0.75, r  # text proxies collapse onto one class
-    assert r["kpl_acc"] >= r["tp_acc"] + 0.30, r  # balancing OT repairs it (measured +0.42 .. +0.47)
+    assert r["kpl_acc"] >= r["tp_acc"] + 0.30, r  # balancing OT repairs it (measured +0.51 .. +0.52)
     assert r["kpl_acc"] >= r["no_ot_acc"] + 0.30, r  # ... and it is the OT step, not proxy learning alone
 
 
@@ -74,8 +74,9 @@ def _imbalanced_case(seed: int, estimate: dict) -> dict:
 
 def _check_imbalanced(r: dict, min_recovered: float) -> None:
     loss = r["tp_acc"] - r["uniform_acc"]
-    # measured (seeds 0/1/2/3): text proxy .965/.940/.960/.935, KPL uniform .720/.702/.705/.700
-    assert loss >= 0.12, r  # uniform OT pushes majority-class images into minority classes (measured loss .22-.25)
+    # measured after the simulator's equal-length description fix (seeds 0/1/2/3): text proxy
+    # .805/.837/.837/.850, KPL corrected uniform .700/.688/.685/.702 (loss .105-.152)
+    assert loss >= 0.07, r  # uniform OT pushes majority-class images into minority classes
     recovered = (r["estimated_acc"] - r["uniform_acc"]) / loss
     assert recovered >= min_recovered, (recovered, r)
     # the estimated marginal is closer to the true priors than the uniform one
@@ -83,20 +84,26 @@ def _check_imbalanced(r: dict, min_recovered: float) -> None:
     assert (r["q"] - r["priors"]).abs().sum() < (uniform - r["priors"]).abs().sum(), r
 
 
-def test_uniform_ot_hurts_on_imbalanced_and_em_marginal_recovers():
-    # EM prior (Saerens et al. 2002): measured KPL acc .892/.880/.875/.910 -> recovered 70/75/67/89 % of the loss
-    _check_imbalanced(_imbalanced_case(0, dict(class_marginal="em")), min_recovered=0.5)
+GAMMA = dict(class_marginal="gamma", gamma=1.0)
+
+
+def test_uniform_ot_hurts_on_imbalanced_and_estimated_marginal_recovers():
+    # gamma = 1 (q ∝ Σ_i P0_ic): measured KPL acc .783/.837/.820/.848 -> recovers 79/100/89/98 % of the loss
+    _check_imbalanced(_imbalanced_case(0, GAMMA), min_recovered=0.6)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize(
-    "estimate, min_recovered",
-    [
-        (dict(class_marginal="em"), 0.5),
-        # gamma = 1: measured KPL acc .957/.952/.970/.955 -> recovers ~100 % of the loss
-        (dict(class_marginal="gamma", gamma=1.0), 0.8),
-    ],
-)
-def test_imbalanced_more_seeds_and_gamma(seed, estimate, min_recovered):
-    _check_imbalanced(_imbalanced_case(seed, estimate), min_recovered)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_imbalanced_more_seeds(seed):
+    _check_imbalanced(_imbalanced_case(seed, GAMMA), min_recovered=0.6)
+
+
+@pytest.mark.slow
+def test_em_prior_needs_calibrated_pseudo_labels():
+    """A documented limitation, not a success: the EM prior of Saerens et al. assumes calibrated posteriors. The
+    text-proxy pseudo-labels at tau_t = 0.01 are over-confident and biased towards the majority class, so EM
+    overshoots the majority and does worse than uniform transport here (measured seeds 0-3: EM .565/.567/.562/.618
+    vs uniform .700/.688/.685/.702). The book's balancing chapter shows the same."""
+    r = _imbalanced_case(0, dict(class_marginal="em"))
+    assert r["estimated_acc"] < r["uniform_acc"] - 0.05, r
+    assert r["q"][0] > r["priors"][0], r  # it over-weights the majority class
