@@ -91,7 +91,7 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                    help="CLIP checkpoint: Hugging Face hub id or local folder; 'standin' for the untrained stand-in; "
                         "'auto' (default) = $KPL_MODEL or openai/clip-vit-large-patch14-336, falling back to the "
                         "stand-in with a loud warning when it cannot be loaded")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: $KPL_DEVICE, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute precision (bfloat16 uses autocast; embeddings are always float32)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")

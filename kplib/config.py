@@ -42,6 +42,11 @@ def cache_dir() -> Path:
     return _folder("KPL_CACHE_DIR", Path.home() / ".cache" / "kplib", "cache", must_exist=False)
 
 
+def default_device() -> str:
+    """Torch device for encoding (``$KPL_DEVICE``, e.g. ``cuda`` or ``cuda:1``; default ``cpu``)."""
+    return os.environ.get("KPL_DEVICE") or "cpu"
+
+
 def default_model() -> str:
     """CLIP checkpoint to load (``$KPL_MODEL``): a hub id, a local folder, ``standin`` or ``auto``."""
     return os.environ.get("KPL_MODEL") or DEFAULT_MODEL

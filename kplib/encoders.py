@@ -303,7 +303,7 @@ class ClipEncoder:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_encoder(model: str = AUTO, device: str = "cpu", dtype: str = "float32") -> ClipEncoder:
+def load_encoder(model: str = AUTO, device: str | None = None, dtype: str = "float32") -> ClipEncoder:
     """Load a CLIP encoder.
 
     ``model``: a Hugging Face hub id or a local folder saved with ``save_pretrained`` (loaded through
@@ -312,6 +312,10 @@ def load_encoder(model: str = AUTO, device: str = "cpu", dtype: str = "float32")
     :class:`StandInWarning` — only when that model cannot be loaded. An explicit model that cannot be loaded raises
     :class:`KPLInputError` (no fallback).
     """
+    if device is None:
+        from .config import default_device
+
+        device = default_device()
     check_choice(dtype, "dtype", DTYPES)
     if not isinstance(model, str) or not model.strip():
         raise KPLInputError(f"model must be a hub id, a local folder, 'standin' or 'auto', got {model!r}")

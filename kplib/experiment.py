@@ -312,7 +312,7 @@ def default_kb_for(dataset_name: str) -> str | None:
 
 def run_experiment(dataset, method: str, model: str | ClipEncoder = "auto", kb=None,
                    config: "KPLConfig | None" = None, limit_per_class: int | None = None, seed: int = 0, *,
-                   device: str = "cpu", dtype: str = "float32", batch_size: int = 32, cache: bool = True,
+                   device: str | None = None, dtype: str = "float32", batch_size: int = 32, cache: bool = True,
                    on_error: str = "stop", progress: bool = True, template: str = KPL_TEMPLATE,
                    name_templates: Sequence[str] = DEFAULT_NAME_TEMPLATES, strict_prompts: bool = False,
                    **overrides: Any) -> "MethodResult":
