@@ -302,12 +302,21 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike, encoder: ClipEncoder,
 
 
 # ------------------------------------------------------------------------------------------------- experiments
-def default_kb_for(dataset_name: str) -> str | None:
-    """The curated KB registered for a dataset name (``DatasetInfo.kb``), if any."""
+def default_kb_for(dataset_name: str) -> str | KnowledgeBase | None:
+    """The default KB of a registered dataset: its curated KB name (``DatasetInfo.kb``), else a published
+    descriptor set imported at run time (``imagenet_sample``: DCLIP, :func:`kplib.knowledge.dclip_imagenet_kb`),
+    else None."""
     from .data import DATASETS
+    from .knowledge import dclip_imagenet_kb
 
     info = DATASETS.get(dataset_name)
-    return info.kb if info is not None else None
+    if info is None:
+        return None
+    if info.kb is not None:
+        return info.kb
+    if dataset_name == "imagenet_sample":
+        return dclip_imagenet_kb(dataset=dataset_name)
+    return None
 
 
 def run_experiment(dataset, method: str, model: str | ClipEncoder = "auto", kb=None,
@@ -347,7 +356,7 @@ def run_experiment(dataset, method: str, model: str | ClipEncoder = "auto", kb=N
 
 
 def resolve_kb(kb, dataset_name: str) -> KnowledgeBase:
-    """A KB object, name or path; None = the curated KB registered for the dataset (error when there is none)."""
+    """A KB object, name or path; None = the dataset's default KB (:func:`default_kb_for`; error when none)."""
     if isinstance(kb, KnowledgeBase):
         return kb
     if kb is None:
@@ -355,6 +364,8 @@ def resolve_kb(kb, dataset_name: str) -> KnowledgeBase:
         if kb is None:
             raise KPLInputError(f"no knowledge base given and dataset {dataset_name!r} has no curated one; pass "
                                 "kb=<curated name or path to a KB JSON file> (command line: --kb; see `kpl kb list`)")
+        if isinstance(kb, KnowledgeBase):  # a published set imported at run time
+            return kb
     return load_kb(kb)
 
 

@@ -964,3 +964,114 @@ def import_for_dataset(dataset: str, class_names: Sequence[str] | None = None,
     return [import_descriptor_file(root / f, class_map=cmap, dataset=dataset,
                                    class_names=class_names, subset=s)
             for f, s, cmap in PUBLISHED_MATCHES[dataset]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageNet-1k: the published DCLIP descriptors aligned with WordNet-id folders
+# ----------------------------------------------------------------------------------------------------------------
+#: The DCLIP ImageNet descriptor file, relative to ``$KPL_DESCRIPTORS_ROOT``.
+DCLIP_IMAGENET_FILE = "classify_by_description/descriptors_imagenet.json"
+DCLIP_CITATION = ("S. Menon and C. Vondrick, 'Visual Classification via Description from Large Language Models', "
+                  "ICLR 2023 (DCLIP)")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def _json_keys_in_order(path: Path) -> list[str]:
+    """Top-level keys of a JSON object in file order, duplicates kept (``json.load`` would silently merge them)."""
+    try:
+        pairs = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda p: p)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KnowledgeBaseError(f"cannot read descriptor file {path}: {e}") from None
+    if not isinstance(pairs, list):
+        raise KnowledgeBaseError(f"descriptor file {path} must hold a JSON object {{class name: [descriptions]}}.")
+    return [k for k, _ in pairs]
+
+
+def imagenet_class_map(file_classes: Sequence[str], wnid_names: Mapping[str, str], file: str = "descriptor file",
+                       min_anchored: float = 0.5) -> dict[str, str]:
+    """``{file class: wnid}`` for an ImageNet-1k descriptor file whose keys follow the standard class index order.
+
+    ImageNet descriptor files (DCLIP, CuPL) are keyed by CLIP-cleaned class names ("crane bird", "construction
+    crane", "rooster"), which differ from the WordNet names of ``class_names.json`` for ~300 classes and are
+    ambiguous there ("crane" and "maillot" name two wnids each). Their key order is the standard ImageNet-1k index
+    order, i.e. the sorted wnids, so key ``i`` is aligned with the ``i``-th sorted wnid. The alignment is verified,
+    never assumed: the file must have exactly one unique key per wnid; every key that equals a WordNet name (up to
+    case/spacing/hyphens) must sit at the position of a wnid with that name; and at least ``min_anchored`` of the
+    keys must be such anchors (else the order cannot be checked). Any violation raises
+    :class:`KnowledgeBaseError` naming the classes.
+    """
+    keys = list(file_classes)
+    wnids = sorted(wnid_names)
+    bad = [w for w in wnids if not _WNID.match(str(w))]
+    if bad:
+        raise KnowledgeBaseError(f"ImageNet class names: {bad[:10]} are not WordNet ids (n + 8 digits); pass the "
+                                 "{wnid: class name} mapping of the dataset's class_names.json.")
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise KnowledgeBaseError(f"{file}: class key(s) {dup} occur more than once, so classes cannot be aligned "
+                                 "one-to-one with the ImageNet wnids.")
+    if len(keys) != len(wnids):
+        raise KnowledgeBaseError(f"{file} has {len(keys)} classes but the dataset has {len(wnids)} wnids; aligning "
+                                 "by ImageNet index order needs exactly one key per wnid.")
+    by_name: dict[str, list[str]] = {}
+    for w in wnids:
+        by_name.setdefault(_name_key(str(wnid_names[w])), []).append(w)
+    anchored, conflicts = 0, []
+    for i, (key, w) in enumerate(zip(keys, wnids)):
+        owners = by_name.get(_name_key(key))
+        if owners is None:
+            continue
+        anchored += 1
+        if w not in owners:
+            conflicts.append(f"key {i} {key!r} sits at {w} ({wnid_names[w]!r}) but names {owners}")
+    if conflicts:
+        raise KnowledgeBaseError(f"{file}: key order does not follow the sorted wnids — {len(conflicts)} class(es) "
+                                 f"contradict it: {'; '.join(conflicts[:10])}{' ...' if len(conflicts) > 10 else ''}. "
+                                 "Pass an explicit class_map {file class: wnid} instead.")
+    if anchored < min_anchored * len(keys):
+        raise KnowledgeBaseError(f"{file}: only {anchored} of {len(keys)} keys equal a WordNet class name, too few "
+                                 "to verify that the key order is the ImageNet index order; pass an explicit "
+                                 "class_map {file class: wnid}.")
+    log.info("%s: aligned %d classes by ImageNet index order (%d verified by name)", file, len(keys), anchored)
+    return dict(zip(keys, wnids))
+
+
+def dclip_imagenet_kb(wnid_names: Mapping[str, str] | None = None, path: str | os.PathLike | None = None,
+                      dataset: str = "imagenet_sample") -> KnowledgeBase:
+    """The published DCLIP ImageNet descriptors (Menon & Vondrick 2023) as a KB over WordNet-id class folders.
+
+    ``wnid_names``: ``{wnid: WordNet class name}`` (default: the registered dataset's ``class_names.json``);
+    ``path``: the descriptor file (default ``$KPL_DESCRIPTORS_ROOT/`` :data:`DCLIP_IMAGENET_FILE`, read at run
+    time). Classes are aligned by :func:`imagenet_class_map` (verified index order, explicit map recorded in the
+    provenance). The prompt's display name is the file's CLIP-cleaned class name (what DCLIP prompts with), which
+    also tells the two "crane" and the two "maillot" classes apart.
+    """
+    from . import data as _data
+
+    info = _data.DATASETS.get(dataset)
+    if wnid_names is None:
+        if info is None or info.display_names_file is None:
+            raise KnowledgeBaseError(f"dclip_imagenet_kb: dataset {dataset!r} has no class_names.json in the "
+                                     "registry; pass wnid_names={wnid: class name}.")
+        wnid_names = info.resolve_display_names(config.data_root() / info.folder)
+        names_file = str(config.data_root() / info.folder / info.display_names_file)
+    else:
+        names_file = None
+    path = Path(path) if path is not None else config.descriptors_root() / DCLIP_IMAGENET_FILE
+    keys = _json_keys_in_order(path)
+    cmap = imagenet_class_map(keys, wnid_names, file=str(path))
+    kb = import_descriptor_file(path, class_map=cmap, class_names=sorted(wnid_names))
+    anchored = sum(1 for k, w in cmap.items() if _name_key(k) == _name_key(str(wnid_names[w])))
+    source = dict(kb.source or {})
+    source.update({
+        "citation": DCLIP_CITATION,
+        "published_set": "DCLIP ImageNet descriptors (Menon & Vondrick 2023), GPT-3 generated",
+        "readme_title": (kb.source or {}).get("citation"),
+        "class_alignment": (f"by ImageNet index order (file key i = i-th sorted wnid), verified: {anchored} of "
+                            f"{len(cmap)} keys equal their wnid's WordNet name, none contradicts it"),
+        "wnid_names_file": names_file,
+        "display_names": "the descriptor file's CLIP-cleaned class names",
+    })
+    return dataclasses.replace(kb, kb_id=f"{dataset}-dclip-menon-vondrick-2023", dataset=dataset,
+                               modality=info.modality if info is not None else None, authors=DCLIP_CITATION,
+                               source=source)

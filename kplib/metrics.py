@@ -347,3 +347,30 @@ def results_table(rows: list[dict], raw: bool = False) -> pd.DataFrame:
         cols += [m, f"{m}_ci_lo", f"{m}_ci_hi"] if raw else [m, f"{m}_ci"]
     df = pd.DataFrame.from_records(records)
     return df.reindex(columns=cols + extra)
+
+
+def compact_table(rows: list[dict], metric: str = "balanced_accuracy") -> pd.DataFrame:
+    """A readable summary for one metric: methods as rows, datasets as columns, cells ``"34.0 [31.5, 36.5]"`` (%).
+
+    The encoder stays *in* the table, as the top level of the column header. Reference lines that involve no model
+    (rows whose ``encoder`` starts with ``"none"``, e.g. majority class, chance) sit beside the methods; rows from
+    more than one encoder are refused (make one table per encoder). Rows are validated as in
+    :func:`results_table`; methods keep their first-appearance order.
+    """
+    if metric not in METRICS:
+        raise KPLInputError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    raw = results_table(rows, raw=True)
+    model_encoders = sorted({e for e in raw["encoder"] if not e.lower().startswith("none")})
+    if len(model_encoders) != 1:
+        raise KPLInputError(
+            f"compact_table needs rows from exactly one encoder (plus reference lines), got {model_encoders}; "
+            "make one table per encoder"
+        )
+    cells = [f"{_fmt_pct(v)} {_fmt_ci((lo, hi))}" if np.isfinite(lo) else _fmt_pct(v)
+             for v, lo, hi in zip(raw[metric], raw[f"{metric}_ci_lo"], raw[f"{metric}_ci_hi"])]
+    table = raw.assign(cell=cells).pivot_table(index="method", columns="dataset", values="cell", aggfunc="first")
+    table = table.reindex(index=list(dict.fromkeys(raw["method"])), columns=list(dict.fromkeys(raw["dataset"])))
+    table.columns = pd.MultiIndex.from_product([[f"encoder: {model_encoders[0]}"], table.columns],
+                                               names=["encoder", "dataset"])
+    table.index.name = f"{metric} (%)"
+    return table
