@@ -587,7 +587,7 @@ DATASETS: dict[str, DatasetInfo] = {
             paper_dataset="substitute for KPL Shenzhen / Montgomery tuberculosis chest X-rays",
             kb="tb_cxr_nitrd_da",
             citation="Chauhan et al., PLoS ONE 9(11):e112980 (2014)",
-            published_descriptors="zero_shot_unseen_pulmonary/multixpert_descriptors.json",
+            published_descriptors="zero_shot_unseen_pulmonary/dk4o_descriptors.json",  # its NLM (TB) set
         ),
         DatasetInfo(
             name="eye_diseases_4class",

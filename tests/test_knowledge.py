@@ -399,3 +399,11 @@ def test_import_with_registered_dataset_uses_its_folders_and_display_names():
     f = config.descriptors_root() / "zero_shot_unseen_pulmonary" / "multixpert_descriptors.json"
     with pytest.raises(KnowledgeBaseError, match=r"'NORMAL'.*'Normal'.*class_map"):
         K.import_descriptor_file(f, dataset="chest_xray_pneumonia", subset="disease_descriptors_Pneumonia")
+
+
+def test_registry_descriptor_pointers_agree_with_published_matches():
+    from kplib.data import DATASETS
+    from kplib.knowledge import PUBLISHED_MATCHES
+
+    for name, matches in PUBLISHED_MATCHES.items():
+        assert DATASETS[name].published_descriptors in {f for f, _, _ in matches}, name
