@@ -156,14 +156,13 @@ class EmbeddingCache:
         if reads_too:
             self.readable = False
         self.disabled_reason = reason
-        message = f"embedding cache is off: {reason}. Results are still computed, but not stored for next time."
+        message = (f"embedding cache is off: {reason}. Results are still computed, but not stored for next time. "
+                   "Set KPL_CACHE_DIR to a writable folder with free space.")
         if self.strict:
-            raise CacheError(message + " Set KPL_CACHE_DIR to a writable folder with free space.")
+            raise CacheError(message)
         if not already:
-            log.warning(message)
-            warnings.warn(
-                CacheWarning(message + " Set KPL_CACHE_DIR to a writable folder with free space."), stacklevel=3
-            )
+            log.warning(message)  # the CLI shows the log line (it hides the warning): it must say what to do too
+            warnings.warn(CacheWarning(message), stacklevel=3)
 
     # ---------------------------------------------------------------------------------------------- entries
     def _encode_entry(self, key: str, value: Tensor) -> bytes:

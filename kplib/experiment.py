@@ -167,6 +167,11 @@ def embed_dataset(dataset, encoder: ClipEncoder, cache: bool = True, on_error: s
             if k is not None and k in found:
                 rows[i] = found[k]
     todo = [i for i in range(n) if i not in rows]
+    if todo and on_error == "stop":
+        # decode every image still to encode before the model runs on any batch, so a bad file at the end of a
+        # large folder stops the run at once; the error lists every bad file and says how to skip them
+        from .data import scan_images
+        scan_images(ds.subset(todo), on_error="stop")
     if todo:
         log.info("encoding %d of %d images of %s with %s", len(todo), n, ds.name, encoder.identity.label)
         enc = encoder.encode_images_detailed([paths[i] for i in todo], batch_size=batch_size, progress=progress,
@@ -265,6 +270,12 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike, encoder: ClipEncoder,
         if len(display) != len(class_names):
             raise KPLInputError(f"display_names has {len(display)} entries for {len(class_names)} classes")
     descriptions = kb.descriptions()
+    for name, descs in zip(class_names, descriptions):
+        dupes = sorted({t for t in descs if descs.count(t) > 1})
+        if dupes:  # encoded as often as they appear, they count more than once in the top-K text proxy
+            log.warning("knowledge base %s, class %r: %d duplicate description(s) %s count more than once in the "
+                        "top-K text proxy; remove them (`kpl kb validate` lists them)", kb.origin or kb.kb_id,
+                        name, len(dupes), [d[:60] for d in dupes[:3]])
 
     prompts, labels, owner = [], [], []
     for c, (name, shown, descs) in enumerate(zip(class_names, display, descriptions)):

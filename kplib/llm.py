@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import http.client
 import json
 import logging
 import os
@@ -148,6 +149,8 @@ def _post_json(cfg: LLMConfig, payload: dict) -> tuple[int, bytes]:
         if isinstance(reason, (TimeoutError, socket.timeout)):
             raise _Retryable(f"no answer within timeout={cfg.timeout}s") from None
         raise _Retryable(f"connection failed ({_redact(str(reason), cfg.api_key)})") from None
+    except http.client.HTTPException as e:  # e.g. IncompleteRead: the connection dropped in the middle of the reply
+        raise _Retryable(f"connection dropped during the reply ({type(e).__name__})") from None
     except (ConnectionError, OSError) as e:
         raise _Retryable(f"connection failed ({type(e).__name__})") from None
 

@@ -183,6 +183,8 @@ def evaluate(
     with warnings.catch_warnings():
         # scikit-learn warns when a class of y_pred never occurs in y_true; we report that in the result instead.
         warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")
+        # ... and when y_true and y_pred hold a single label (e.g. one image); labels are passed where it matters
+        warnings.filterwarnings("ignore", message=".*A single label was found.*")
         balanced = balanced_accuracy_score(yt, yp)
     out: dict[str, Any] = {
         "accuracy": float(accuracy_score(yt, yp)),
