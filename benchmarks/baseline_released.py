@@ -57,15 +57,18 @@ def released_proxy_descent(
 
 
 def released_kpl_post_encoding(
-    x: torch.Tensor, text_proxies: torch.Tensor, iters_proxy: int = 2000, iters_ot: int = 20
-) -> torch.Tensor:
+    x: torch.Tensor, text_proxies: torch.Tensor, iters_proxy: int = 2000, iters_ot: int = 20,
+    return_proxies: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Everything after encoding: text logits -> greedy OT -> hardening -> proxy descent -> predictions.
 
     ``text_proxies`` is (C, d) rows (the library convention); the transcription works with W = its transpose.
+    With ``return_proxies`` also returns the learned proxies as (C, d) rows.
     """
     w0 = text_proxies.T.contiguous()
     logits = x @ w0
     y = released_stable_greenkhorn(logits, 0.01, iters_ot)
     y = released_harden(y, 0.6)
     w = released_proxy_descent(x, y, w0, 0.04, 10.0, iters_proxy)
-    return (x @ w).argmax(dim=1)
+    pred = (x @ w).argmax(dim=1)
+    return (pred, w.T.contiguous()) if return_proxies else pred

@@ -69,8 +69,8 @@ def run_cell(n: int, c: int, variant: str, steps: int, out: Path) -> dict:
     if variant == "baseline":
         from baseline_released import released_kpl_post_encoding
 
-        pred = released_kpl_post_encoding(x, text, iters_proxy=steps)
-        info = {"proxy_iterations": steps}
+        pred, proxies = released_kpl_post_encoding(x, text, iters_proxy=steps, return_proxies=True)
+        info = {"proxy_iterations": steps, "proxy_passes": steps}
     else:
         from kplib.methods import KPLConfig, TextEmbeddings, run_method
 
@@ -79,23 +79,52 @@ def run_cell(n: int, c: int, variant: str, steps: int, out: Path) -> dict:
                                  description_embeddings=[text[i : i + 1] for i in range(c)])
         cfg = KPLConfig.reference(iters_proxy=steps) if variant == "reference" else KPLConfig.corrected()
         res = run_method("kpl", x, text_in, cfg)
-        pred = res.predictions
-        info = {"proxy_iterations": res.proxy_learning.iterations, "ot_iterations": res.transport.iterations}
+        cold = time.perf_counter() - t0
+        timings_first = {k: round(v, 3) for k, v in res.timings.items()}
+        if variant == "corrected":
+            # a second call in the same process: the first pays torch.optim's one-time import of torch._dynamo
+            # (~0.9 s, measured) which a notebook pays once per kernel, not per call
+            t0 = time.perf_counter()
+            res = run_method("kpl", x, text_in, cfg)
+        pred, proxies = res.predictions, res.proxies
+        info = {"proxy_iterations": res.proxy_learning.iterations, "proxy_passes": res.proxy_learning.evaluations,
+                "ot_iterations": res.transport.iterations, "ot_solver": res.transport.solver,
+                "proxy_learning_s": res.timings["proxy_learning"], "transport_s": res.timings["transport"],
+                "seconds_first_call": cold, "timings_first_call": timings_first,
+                "timings": {k: round(v, 3) for k, v in res.timings.items()}}
     seconds = time.perf_counter() - t0
     floor = _floor_seconds(x)
     np.save(out, pred.numpy())
+    np.save(str(out).replace(".npy", "_proxies.npy"), proxies.numpy())
     acc = float((pred == labels).float().mean())
     return {"n": n, "c": c, "variant": variant, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
             "data_rss_mb": rss_data, "accuracy_synthetic": acc, "floor_pass_s": floor, **info}
 
 
-def _floor_seconds(x: torch.Tensor, repeats: int = 3) -> float:
-    """Time of one streaming pass over X (X.sum(0)): the memory-bound floor of any full-batch step."""
+def _decided_fraction(n: int, c: int, w_base: np.ndarray, w_lib: np.ndarray) -> float:
+    """Share of images whose baseline top-2 logit gap exceeds what the proxies' difference can change.
+
+    |x·Δw_a - x·Δw_b| <= ||Δw_a|| + ||Δw_b|| for unit x, so an image whose gap is larger than twice the largest
+    row difference gets the same prediction from both proxy sets; the rest are decided by float rounding.
+    """
+    x, _, _ = make_workload(n, c)
+    bound = 2.0 * float(np.linalg.norm(w_base - w_lib, axis=1).max())
+    top2 = torch.topk(x @ torch.from_numpy(w_base).T, 2, dim=1).values
+    return float(((top2[:, 0] - top2[:, 1]) > bound).float().mean())
+
+
+def _floor_seconds(x: torch.Tensor, repeats: int = 5) -> float:
+    """Time of one streaming pass over X: the memory-bound floor of any full-batch step.
+
+    The faster of ``X.sum(0)`` and one matrix-vector product ``X @ v`` (both read X exactly once), best of a few.
+    """
     best = float("inf")
+    v = torch.ones(x.shape[1], dtype=x.dtype)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum(0)
-        best = min(best, time.perf_counter() - t0)
+        for op in (lambda: x.sum(0), lambda: x @ v):
+            t0 = time.perf_counter()
+            op()
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
@@ -131,11 +160,15 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, d = {DIM}")
     print("Synthetic embeddings (speed only). Ratios are baseline time / variant time, measured in this run.\n")
-    header = (f"{'N':>9} {'C':>3} | {'baseline s':>11} | {'reference s':>11} {'x':>6} {'agree %':>8} {'floor %':>8}"
-              f" | {'corrected s':>11} {'x':>7} {'agree %':>8} {'acc ref/cor':>12} | {'RSS MB ref/cor':>15}")
-    print(header)
-    print("-" * len(header))
-    rows = []
+    h1 = (f"{'N':>9} {'C':>3} | {'baseline s':>11} | {'reference s':>11} {'x':>6} {'passes':>11} {'step x':>6}"
+          f" {'floor %':>7} | {'agree %':>7} {'decided %':>9} {'max|dW|':>8}")
+    h2 = (f"{'N':>9} {'C':>3} | {'1st call s':>10} {'x':>6} | {'corrected s':>11} {'x':>7} {'OT s':>6} {'proxy s':>7}"
+          f" {'evals':>5}"
+          f" {'agree %':>7} {'acc ref/cor':>12} | {'peak RSS MB base/ref/cor':>25}")
+    rows, lines1, lines2 = [], [], []
+    print("Reference mode (released semantics) vs the baseline transcription:")
+    print(h1)
+    print("-" * len(h1), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n, c in (QUICK_WORKLOADS if args.quick else WORKLOADS):
@@ -144,31 +177,67 @@ def main() -> None:
             ref = _spawn(n, c, "reference", steps, tmp)
             cor = _spawn(n, c, "corrected", FULL_STEPS, tmp)
             pb, pr, pc = (np.load(r["pred_file"]) for r in (base, ref, cor))
+            wb, wr = (np.load(r["pred_file"].replace(".npy", "_proxies.npy")) for r in (base, ref))
             base_full = base["seconds"] * (FULL_STEPS / steps)
             extrap = "*" if steps != FULL_STEPS else " "
-            # floor: one pass over X per proxy step (the reference step reads X at least once)
-            floor_frac = base["floor_pass_s"] * ref["proxy_iterations"] / ref["seconds"]
+            # per pass over X: the baseline's step (two skinny products) vs the library's fused pass
+            base_step = base["seconds"] / steps
+            ref_pass = ref["proxy_learning_s"] / ref["proxy_passes"]
+            floor_frac = base["floor_pass_s"] / ref_pass
             row = {
                 "n": n, "c": c, "steps_baseline_reference": steps,
                 "baseline_s": base["seconds"], "baseline_full_s": base_full,
                 "reference_s": ref["seconds"], "reference_speedup": base["seconds"] / ref["seconds"],
-                "reference_agreement": float((pb == pr).mean()), "reference_floor_fraction": floor_frac,
+                "reference_passes": ref["proxy_passes"], "reference_step_speedup": base_step / ref_pass,
+                "reference_agreement": float((pb == pr).mean()),
+                "reference_decided_fraction": _decided_fraction(n, c, wb, wr),
+                "reference_max_abs_proxy_diff": float(np.abs(wb - wr).max()),
+                "reference_floor_fraction": floor_frac,
                 "corrected_s": cor["seconds"], "corrected_speedup": base_full / cor["seconds"],
+                "corrected_first_call_s": cor["seconds_first_call"],
+                "corrected_transport_s": cor["transport_s"], "corrected_proxy_s": cor["proxy_learning_s"],
+                "corrected_ot_solver": cor["ot_solver"],
                 "corrected_vs_baseline_agreement": float((pb == pc).mean()),
                 "accuracy_reference": ref["accuracy_synthetic"], "accuracy_corrected": cor["accuracy_synthetic"],
-                "rss_reference_mb": ref["peak_rss_mb"], "rss_corrected_mb": cor["peak_rss_mb"],
-                "corrected_proxy_iterations": cor["proxy_iterations"],
+                "rss_baseline_mb": base["peak_rss_mb"], "rss_reference_mb": ref["peak_rss_mb"],
+                "rss_corrected_mb": cor["peak_rss_mb"], "corrected_proxy_iterations": cor["proxy_iterations"],
+                "corrected_proxy_evaluations": cor["proxy_passes"],
             }
             rows.append(row)
-            print(f"{n:>9} {c:>3} | {base['seconds']:>10.2f}{extrap} | {ref['seconds']:>11.2f} "
-                  f"{row['reference_speedup']:>5.1f}x {100 * row['reference_agreement']:>8.2f} {100 * floor_frac:>7.0f}%"
-                  f" | {cor['seconds']:>11.2f} {row['corrected_speedup']:>6.0f}x{extrap}"
-                  f"{100 * row['corrected_vs_baseline_agreement']:>8.2f} "
-                  f"{row['accuracy_reference']:>5.3f}/{row['accuracy_corrected']:<5.3f} |"
-                  f" {ref['peak_rss_mb']:>7.0f}/{cor['peak_rss_mb']:<7.0f}", flush=True)
-    print(f"\n* N >= 100,000: baseline and reference ran {REDUCED_STEPS} proxy steps; the baseline's {FULL_STEPS}-step"
-          " time is extrapolated linearly for the corrected-mode ratio. 'floor %' = time of one X.sum(0) pass"
-          " per proxy step / measured reference time per step.")
+            print(f"{n:>9} {c:>3} | {base['seconds']:>11.2f} | {ref['seconds']:>11.2f}"
+                  f" {row['reference_speedup']:>5.1f}x {ref['proxy_passes']:>5}/{steps:<5}"
+                  f" {row['reference_step_speedup']:>5.1f}x {100 * floor_frac:>6.0f}% |"
+                  f" {100 * row['reference_agreement']:>7.2f} {100 * row['reference_decided_fraction']:>9.2f}"
+                  f" {row['reference_max_abs_proxy_diff']:>8.1e}", flush=True)
+            lines2.append(
+                f"{n:>9} {c:>3} | {cor['seconds_first_call']:>10.2f} {base_full / cor['seconds_first_call']:>5.0f}x |"
+                f" {cor['seconds']:>11.2f} {row['corrected_speedup']:>6.0f}x{extrap}"
+                f"{cor['transport_s']:>5.2f} {cor['proxy_learning_s']:>7.2f} {cor['proxy_passes']:>5}"
+                f" {100 * row['corrected_vs_baseline_agreement']:>7.2f} "
+                f"{row['accuracy_reference']:>5.3f}/{row['accuracy_corrected']:<6.3f} |"
+                f" {base['peak_rss_mb']:>8.0f}/{ref['peak_rss_mb']:>7.0f}/{cor['peak_rss_mb']:<7.0f}")
+    print(f"\nCorrected mode (transport {rows[-1]['corrected_ot_solver']}, proxies by L-BFGS to tol) vs the baseline:")
+    print(h2)
+    print("-" * len(h2))
+    print("\n".join(lines2))
+    print(f"""
+Notes.
+* N >= 100,000: baseline and reference ran {REDUCED_STEPS} proxy steps; the baseline's {FULL_STEPS}-step time is
+  extrapolated linearly for the corrected-mode ratio (marked *).
+* passes = passes over X the reference mode actually computed / released steps. Once the loop state (W, lr, pre)
+  repeats bit for bit (period 1 or 2), the remaining steps are a deterministic repetition and are filled in, not
+  recomputed (exact; tests/test_proxy.py checks it against computing every step). 'step x' = baseline time per step
+  / reference proxy-learning time per computed pass; 'floor %' = one read of X (faster of X.sum(0), X @ v) / one
+  reference pass.
+* Corrected: '1st call' is the first run_method call in a fresh process, including torch.optim's one-time import
+  of torch._dynamo (~0.9 s); 'corrected s' is a second call in the same process (what every later call costs).
+  Peak RSS is the process's, both calls included.
+* Agreement. With the released 1/N-scaled rows the pull term is negligible and both runs' proxies collapse towards
+  one point, so many images sit on a logit gap smaller than float rounding. 'max|dW|' is the largest entry-wise
+  difference between the library's and the baseline's learned proxies; 'decided %' is the share of images whose
+  baseline top-2 gap exceeds 2 * max row ||dW||, i.e. whose prediction the proxies' agreement settles: the two
+  agree on all of those; the other images' predictions are decided by rounding (float32 vs float64 runs of the
+  very same loop disagree on them too), so 'agree %' below 99.9 there is not a semantic difference.""")
     out = Path(os.environ.get("KPL_BENCH_OUT", "artifacts")) / "bench_post_encoding.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))

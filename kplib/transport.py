@@ -6,8 +6,10 @@ Three routines, named after what they are:
   20 single-row-or-column log-space updates, returned **without** multiplying by N (rows sum to about 1/N).
 * :func:`inmap_sinkhorn` — the balanced Sinkhorn of InMaP (the method KPL builds on): T full column/row sweeps,
   then multiplied by N so rows are probability distributions.
-* :func:`sinkhorn_log` — the corrected mode: a proper entropic OT solver (POT's log-domain Sinkhorn, or POT's
-  Greenkhorn) with cost ``-L`` and regularisation ``tau_t``, run to a tolerance; rows rescaled to sum to 1.
+* :func:`sinkhorn_log` — the corrected mode: a proper entropic OT solver (POT's log-domain Sinkhorn, POT's
+  Greenkhorn, or a semi-dual Newton solver written here) with cost ``-L`` and regularisation ``tau_t``, run to a
+  tolerance; rows rescaled to sum to 1. Corrected mode's default (``KPLConfig``) is the Newton solver, because
+  measurements showed POT's Sinkhorn orders of magnitude slower at these temperatures (see ``method="newton"``).
 
 Class marginals: :func:`class_marginal_from_pseudo_labels` (``q_c ∝ (Σ_i P0_ic)^gamma``) and
 :func:`em_class_prior` (Saerens, Latinne & Decaestecker 2002, EM re-estimation of class priors).

@@ -358,11 +358,17 @@ def embedding_map(
         if key == "images":
             raise KPLInputError("text_points may not use the key 'images' (reserved for the image embeddings)")
         blocks[key] = arr
-    if projection is None:
-        projection = _fit_projection(blocks, method, seed)
-        coords = projection.points
-    else:
-        coords = {k: projection.transform(v) for k, v in blocks.items()}
+    import torch
+
+    threads = torch.get_num_threads()  # `import umap` / UMAP fit/transform reset torch's thread count (measured)
+    try:
+        if projection is None:
+            projection = _fit_projection(blocks, method, seed)
+            coords = projection.points
+        else:
+            coords = {k: projection.transform(v) for k, v in blocks.items()}
+    finally:
+        torch.set_num_threads(threads)
     colours = _palette(len(class_names))
     fig = _figure(8.5, 6.0)
     ax = fig.subplots()

@@ -79,7 +79,7 @@ def test_kpl_reference_is_exact_composition_of_the_stages():
 def test_kpl_corrected_rows_sum_to_one_and_hardening_fires():
     x, _, text = _inputs(3)
     res = run_method("kpl_corrected", x, text, no_transport_baseline=True)
-    assert res.transport.solver == "pot.sinkhorn_log" and res.transport.converged
+    assert res.transport.solver == "semidual_newton" and res.transport.converged  # the corrected default
     assert torch.allclose(res.pseudo_labels_transported.sum(dim=1), torch.ones(N), atol=1e-5)
     assert res.hardened.any()
     assert res.proxy_learning.mode == "corrected" and res.proxy_learning.converged
@@ -106,6 +106,7 @@ def test_inmap_uses_name_proxies_and_balanced_sinkhorn():
         {"transport": "inmap_sinkhorn"},
         {"transport": "greenkhorn", "mode": "corrected", "ot_max_iter": 50},
         {"transport": "semidual_newton", "mode": "corrected", "tau_t": 1e-4},
+        {"transport": "sinkhorn_log", "mode": "corrected"},
         {"record_every": 10},
     ],
 )
@@ -126,7 +127,7 @@ def test_config_constructors_and_dict():
     assert ref.to_dict()["transport"] == "released_greenkhorn" and ref.iters_proxy == 2000 and ref.lr == 10.0
     assert (ref.tau_t, ref.tau_i, ref.alpha, ref.gamma, ref.iters_ot, ref.k) == (0.01, 0.04, 0.6, 0.0, 20, 8)
     d = cor.to_dict()
-    assert d["transport"] == "sinkhorn_log" and d["normalize_rows"] is True and d["k"] == 5
+    assert d["transport"] == "semidual_newton" and d["normalize_rows"] is True and d["k"] == 5
     assert set(d) == {f.name for f in dataclasses.fields(KPLConfig)}
 
 
@@ -198,3 +199,14 @@ def test_run_method_rejects_unknown_names():
         run_method("kpl", x, text, config={"k": 3})
     # a valid config does not change a parameter-free method
     assert torch.equal(run_method("zero_shot", x, text, k=3).predictions, run_method("zero_shot", x, text).predictions)
+
+
+def test_corrected_default_newton_agrees_with_pot_sinkhorn_end_to_end():
+    x, _, text = _inputs(6)
+    newton = run_method("kpl_corrected", x, text)
+    pot = run_method("kpl_corrected", x, text, transport="sinkhorn_log", ot_max_iter=20000)
+    assert pot.transport.solver == "pot.sinkhorn_log" and pot.transport.converged
+    assert newton.transport.solver == "semidual_newton" and newton.transport.converged
+    # both meet tol=1e-6 on the coupling scale (entries ~1/N); the normalised rows agree to ~N * tol
+    assert torch.allclose(newton.pseudo_labels_transported, pot.pseudo_labels_transported, atol=N * 1e-6 * 4)
+    assert (newton.predictions == pot.predictions).float().mean() >= 0.99
