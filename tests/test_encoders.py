@@ -275,3 +275,63 @@ def test_tokenizer_comes_from_config(monkeypatch, tmp_path):
     monkeypatch.setenv("KPL_TOKENIZER_DIR", str(tmp_path / "missing"))
     with pytest.raises(KPLInputError, match="KPL_TOKENIZER_DIR"):
         config.tokenizer_dir()
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+
+def test_keep_freed_memory_sets_and_restores_mallopt(monkeypatch):
+    import kplib.encoders as enc
+
+    fake = _FakeLibc()
+    monkeypatch.setattr(enc, "_glibc", lambda: fake)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "262144")
+    with enc.keep_freed_memory():
+        with enc.keep_freed_memory():  # nested: only the outermost use touches the allocator
+            assert fake.calls == [(enc._M_MMAP_MAX, 0), (enc._M_TRIM_THRESHOLD, 1 << 30)]
+        assert len(fake.calls) == 2
+    restored = dict(fake.calls[2:])
+    assert restored == {enc._M_MMAP_MAX: 65536, enc._M_TRIM_THRESHOLD: 262144}  # env value wins over default
+    fake.calls.clear()
+    with pytest.raises(RuntimeError):
+        with enc.keep_freed_memory():
+            raise RuntimeError("boom")
+    assert len(fake.calls) == 4  # restored even when the batch loop raises
+
+
+def test_keep_freed_memory_is_a_noop_off_glibc(monkeypatch):
+    import kplib.encoders as enc
+
+    monkeypatch.setattr(enc, "_glibc", lambda: None)
+    with enc.keep_freed_memory():
+        pass
+
+
+def test_keep_freed_memory_leaves_embeddings_bit_identical(standin, monkeypatch):
+    import contextlib
+
+    import kplib.encoders as enc
+
+    imgs = _images(10, seed=3)
+    calls = []
+    real = enc.keep_freed_memory
+
+    @contextlib.contextmanager
+    def spy():
+        calls.append(1)
+        with real():
+            yield
+
+    monkeypatch.setattr(enc, "keep_freed_memory", spy)
+    with_heap = standin.encode_images(imgs, batch_size=4, progress=False, num_workers=0)
+    assert calls == [1]  # the batch loop really ran inside the context manager
+    monkeypatch.setattr(enc, "keep_freed_memory", contextlib.nullcontext)
+    without = standin.encode_images(imgs, batch_size=4, progress=False, num_workers=0)
+    assert torch.equal(with_heap, without)

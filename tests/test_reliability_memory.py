@@ -82,9 +82,6 @@ def peak_rss_mb(folder: Path, cache_dir: Path) -> tuple[float, float, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bug (unfixed): encoders.encode_images_detailed peak RSS grows ~110 kB per "
-                                       "image (2,000 -> 5,000 images: 896 -> 1229 MB); malloc_trim(0) after each "
-                                       "batch keeps it flat (measured 802 MB at 2,000, 851 MB at 50,000)")
 def test_encoding_many_small_images_keeps_peak_rss_bounded(tmp_path):
     small = write_folder(tmp_path / "small", N_SMALL)
     t0 = time.monotonic()
