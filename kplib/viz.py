@@ -75,13 +75,13 @@ def _check_label(encoder_label: Any) -> str:
     return encoder_label.strip()
 
 
-def _finish(fig: Figure, title: str, encoder_label: str) -> Figure:
+def _finish(fig: Figure, title: str, encoder_label: str, fontsize: int = 11) -> Figure:
     """Put the title and the encoder into the suptitle; add the red caption for stand-in / simulated numbers."""
-    fig.suptitle(f"{title}\nencoder: {encoder_label}", fontsize=11)
+    fig.suptitle(f"{title}\nencoder: {encoder_label}", fontsize=fontsize)
     caption = caption_for(encoder_label)
     if caption is not None:
         # supxlabel, not fig.text: the constrained layout reserves room for it, so it never overlaps the axes.
-        fig.supxlabel(caption, color=CAPTION_COLOR, fontweight="bold", fontsize=11)
+        fig.supxlabel(caption, color=CAPTION_COLOR, fontweight="bold", fontsize=fontsize)
     return fig
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .errors import KPLInputError
-from .viz import CAPTION_COLOR, caption_for
+from .viz import _finish as viz_finish
 
 __all__ = [
     "KNOBS",
@@ -228,11 +228,7 @@ def _title(run: PlaygroundRun) -> str:
 
 
 def _finish(fig: Figure, title: str, encoder_label: str) -> Figure:
-    fig.suptitle(f"{title}\nencoder: {encoder_label}", fontsize=10)
-    caption = caption_for(encoder_label)
-    if caption is not None:
-        fig.supxlabel(caption, color=CAPTION_COLOR, fontweight="bold", fontsize=10)
-    return fig
+    return viz_finish(fig, title, encoder_label, fontsize=10)
 
 
 def playground_figure(run: PlaygroundRun) -> Figure:

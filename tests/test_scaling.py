@@ -11,15 +11,7 @@ from kplib.errors import KPLInputError
 from kplib.scaling import load_post_encoding_benchmark, measure_post_encoding, peak_rss_mb, scaling_exponents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread (two threads on a busy 2-core machine are ~50x slower here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

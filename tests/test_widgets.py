@@ -13,15 +13,7 @@ from kplib import widgets  # noqa: E402
 SMALL = {"n_images": 120, "dim": 48}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread (two threads on a busy 2-core machine are ~50x slower here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pixels(fig) -> np.ndarray:
