@@ -176,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def _kb_label(name: str, info) -> str:
+    """The knowledge base `kpl run` uses by default (kplib.experiment.default_kb_for), in words."""
+    if info.kb is not None:
+        return info.kb
+    if info.published_descriptors is not None and name == "imagenet_sample":
+        return f"DCLIP, imported at run time ({info.published_descriptors})"
+    return "–"
+
+
 def cmd_datasets(args) -> int:
     from . import config
     from .data import DATASETS
@@ -193,7 +202,7 @@ def cmd_datasets(args) -> int:
         if folder is not None and folder.is_dir():
             n_classes = str(sum(1 for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")))
         rows.append((name, "yes" if folder is not None and folder.is_dir() else "no", n_classes,
-                     info.kb or "–", info.modality, info.paper_dataset))
+                     _kb_label(name, info), info.modality, info.paper_dataset))
     header = ("name", "present", "classes", "kb", "modality", "relation to the KPL paper")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
     for r in [header] + rows:

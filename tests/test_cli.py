@@ -68,6 +68,10 @@ def test_datasets_lists_registry(capsys, tmp_path, monkeypatch):
     assert line.split()[1:3] == ["yes", "2"]
     brain = next(l for l in out.splitlines() if l.startswith("brain_tumor_mri"))
     assert brain.split()[1] == "no"
+    assert brain.split()[3] == "brain_tumor_mri"  # its curated KB
+    # no curated KB: the published descriptor set that `kpl run` imports (default_kb_for) is named
+    imagenet = next(l for l in out.splitlines() if l.startswith("imagenet_sample"))
+    assert "DCLIP" in imagenet and "descriptors_imagenet.json" in imagenet
 
 
 def test_encode_prints_encoder_counts_and_cache(capsys, folder, tmp_path):
