@@ -25,11 +25,16 @@ Usage (encoders / experiment)::
     cache.stats.hits, cache.stats.misses                                      # a second run is all hits
 
 Lower level: ``get_many(keys) -> {key: Tensor}`` (hits only) and ``put_many({key: Tensor})``.
+
+:class:`ResultCache` keeps whole method results (``MethodResult``) under the same discipline in its own folder
+``<cache_dir>/method-results-v1``; :func:`kplib.experiment.cached_run_method` builds its keys (every input, the
+resolved config, the torch version and :func:`code_digest` of kplib's source).
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -84,6 +89,22 @@ def canonical_namespace(namespace: str | Mapping) -> str:
     if not text.strip():
         raise KPLInputError("namespace must not be empty: it must describe the model and preprocessing")
     return text
+
+
+def _atomic_write(path: Path, blob: bytes) -> None:
+    """Write ``blob`` to a temporary file next to ``path``, then ``os.replace`` it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class EmbeddingCache:
@@ -238,18 +259,7 @@ class EmbeddingCache:
         return self.get_many([key]).get(key)
 
     def _atomic_write(self, path: Path, blob: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        _atomic_write(path, blob)
 
     def put_many(self, items: Mapping[str, Tensor]) -> int:
         """Store tensors (float32, as given) under their keys; returns how many were written.
@@ -311,3 +321,182 @@ class EmbeddingCache:
     def __repr__(self) -> str:
         state = "on" if self.writable else ("read-only" if self.readable else "off")
         return f"EmbeddingCache({self.folder}, {state}, {self.stats.as_dict()})"
+
+
+# ================================================================================================ method results
+RESULT_MAGIC = b"KPLRES1\n"
+RESULT_SUFFIX = ".kplr"
+RESULT_FOLDER = "method-results-v1"   # own namespace folder under config.cache_dir()
+_RESULTS_WARNED: set[str] = set()     # folders whose "result cache is off" warning was already given (per process)
+_CODE_DIGEST: str | None = None
+
+
+def code_digest() -> str:
+    """sha256 over the name and bytes of every ``kplib/*.py`` file, computed once per process.
+
+    Part of every result-cache key, so results computed by an edited library are never served.
+    """
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        h = hashlib.sha256()
+        for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+            data = path.read_bytes()
+            h.update(path.name.encode("utf-8") + b"\0" + struct.pack("<Q", len(data)) + data)
+        _CODE_DIGEST = h.hexdigest()
+    return _CODE_DIGEST
+
+
+def _result_classes() -> list[type]:
+    """kplib dataclasses a stored MethodResult may contain: the only globals ``torch.load`` may build."""
+    from .methods import MethodResult
+    from .proxy import ProxyLearningResult
+    from .transport import TransportResult
+
+    return [MethodResult, TransportResult, ProxyLearningResult]
+
+
+class ResultCache:
+    """On-disk cache of :class:`kplib.methods.MethodResult` objects (see :func:`kplib.experiment.cached_run_method`,
+    which builds the keys).
+
+    Same entry discipline as :class:`EmbeddingCache`: one file per entry,
+    ``<cache_dir>/method-results-v1/<key[:2]>/<key>.kplr``, holding a JSON header (key, payload size, sha256)
+    followed by the ``torch.save`` bytes of the result. The header and checksum are verified *before* anything is
+    deserialised, and deserialisation is ``torch.load(weights_only=True)`` with only kplib's result dataclasses
+    allow-listed (no arbitrary code). A damaged entry is logged, counted in ``stats.corrupt``, deleted and treated
+    as a miss. Writes are atomic (temporary file + ``os.replace``); an entry is stored only after it was checked to
+    load back. An uncreatable or unwritable folder (read-only, disk full) gives one :class:`CacheWarning` per
+    process and folder and the run goes on uncached; ``strict=True`` raises :class:`CacheError` instead.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, strict: bool = False):
+        base = Path(root).expanduser() if root is not None else config.cache_dir()
+        self.folder = base / RESULT_FOLDER
+        self.strict = strict
+        self.stats = CacheStats()
+        self.readable = True
+        self.writable = True
+        self.disabled_reason: str | None = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._disable(f"cannot create cache folder {self.folder} ({exc.strerror or exc})", reads_too=True)
+
+    def entry_path(self, key: str) -> Path:
+        EmbeddingCache._check_key(key)
+        return self.folder / key[:2] / f"{key}{RESULT_SUFFIX}"
+
+    def _disable(self, reason: str, reads_too: bool = False) -> None:
+        self.writable = False
+        if reads_too:
+            self.readable = False
+        self.disabled_reason = reason
+        message = (f"method-result cache is off: {reason}. Results are still computed, but not stored for next "
+                   "time. Set KPL_CACHE_DIR to a writable folder with free space.")
+        if self.strict:
+            raise CacheError(message)
+        if str(self.folder) not in _RESULTS_WARNED:
+            _RESULTS_WARNED.add(str(self.folder))
+            log.warning(message)
+            warnings.warn(CacheWarning(message), stacklevel=3)
+
+    @staticmethod
+    def _encode(key: str, result: object) -> bytes:
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        payload = buf.getvalue()
+        header = json.dumps({"key": key, "format": "torch.save/MethodResult", "torch": torch.__version__,
+                             "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}).encode("ascii")
+        return RESULT_MAGIC + struct.pack("<I", len(header)) + header + payload
+
+    @staticmethod
+    def _decode(key: str, blob: bytes):
+        """Verify the header and checksum, then load safely; ValueError says what is wrong."""
+        from .methods import MethodResult
+
+        start = len(RESULT_MAGIC) + 4
+        if not blob.startswith(RESULT_MAGIC) or len(blob) < start:
+            raise ValueError("bad magic (not a kplib result entry, overwritten or truncated)")
+        (hlen,) = struct.unpack("<I", blob[len(RESULT_MAGIC):start])
+        if hlen > _MAX_HEADER or len(blob) < start + hlen:
+            raise ValueError("truncated or invalid header")
+        try:
+            header = json.loads(blob[start:start + hlen].decode("ascii"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("unreadable header") from None
+        if not isinstance(header, dict) or header.get("key") != key:
+            raise ValueError("entry belongs to another key")
+        payload = blob[start + hlen:]
+        if len(payload) != header.get("size"):
+            raise ValueError(f"payload has {len(payload)} bytes, header says {header.get('size')}")
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise ValueError("checksum mismatch (data corrupted)")
+        try:
+            with torch.serialization.safe_globals(_result_classes()):
+                result = torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception as exc:  # verified bytes that still do not load (e.g. written by other code): discard
+            raise ValueError(f"payload does not load safely ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(result, MethodResult):
+            raise ValueError(f"payload is a {type(result).__name__}, not a MethodResult")
+        return result
+
+    def get(self, key: str):
+        """The verified stored result for ``key`` or None (miss, unreadable or damaged entry — which is deleted)."""
+        path = self.entry_path(key)
+        if not self.readable:
+            self.stats.misses += 1
+            return None
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            self.stats.misses += 1
+            return None
+        except OSError as exc:
+            log.warning("cannot read result-cache entry %s (%s); recomputing", path, exc)
+            self.stats.misses += 1
+            return None
+        try:
+            result = self._decode(key, blob)
+        except ValueError as exc:
+            log.warning("corrupt result-cache entry %s (%s); it is discarded and recomputed", path, exc)
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        self.stats.hits += 1
+        return result
+
+    def put(self, key: str, result: object) -> bool:
+        """Store ``result`` under ``key``; True when written. Results that would not load back with
+        ``weights_only=True`` are not stored (logged); write failures turn writing off (see the class docstring)."""
+        path = self.entry_path(key)
+        if not self.writable:
+            return False
+        blob = self._encode(key, result)
+        try:
+            self._decode(key, blob)
+        except ValueError as exc:
+            log.warning("method result not cached: %s", exc)
+            return False
+        try:
+            _atomic_write(path, blob)
+        except OSError as exc:
+            self.stats.write_errors += 1
+            why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            self._disable(f"cannot write to {self.folder} ({why})")
+            return False
+        self.stats.writes += 1
+        return True
+
+    def clear(self) -> None:
+        """Delete every stored method result (the embedding cache is untouched)."""
+        if self.folder.is_dir():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        state = "on" if self.writable else ("read-only" if self.readable else "off")
+        return f"ResultCache({self.folder}, {state}, {self.stats.as_dict()})"

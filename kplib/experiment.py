@@ -7,13 +7,16 @@ result carries the :class:`~kplib.encoders.EncoderIdentity` that produced it —
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +33,8 @@ if TYPE_CHECKING:  # methods.py is imported lazily: it is only needed to run a m
 log = logging.getLogger("kplib")
 
 __all__ = ["KPL_TEMPLATE", "DEFAULT_NAME_TEMPLATES", "EmbeddingSet", "resolve_dataset", "resolve_kb",
-           "embed_dataset", "embed_knowledge", "run_experiment", "provenance", "EMBEDDING_SET_FORMAT"]
+           "embed_dataset", "embed_knowledge", "run_experiment", "provenance", "EMBEDDING_SET_FORMAT",
+           "cached_run_method"]
 
 #: Class-name prompts of the zero-shot baseline: a small template ensemble (averaged per class by ``zero_shot``).
 DEFAULT_NAME_TEMPLATES: tuple[str, ...] = (
@@ -406,3 +410,99 @@ def provenance(emb: EmbeddingSet, text: "TextEmbeddings", kb: KnowledgeBase | No
         "seed": seed,
         "kplib_version": __version__,
     }
+
+
+# ------------------------------------------------------------------------------------------------- result cache
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    """Feed ``obj`` into ``h`` canonically: type-tagged and length-prefixed, mappings in sorted key order, floats by
+    exact ``repr``, tensors/arrays by dtype, shape, device and raw bytes. Unsupported types raise TypeError."""
+    def blob(tag: bytes, data) -> None:
+        data = memoryview(data).cast("B")
+        h.update(tag + len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    if obj is None:
+        h.update(b"N")
+    elif isinstance(obj, bool):
+        h.update(b"B1" if obj else b"B0")
+    elif isinstance(obj, int):
+        blob(b"I", str(obj).encode())
+    elif isinstance(obj, float):
+        blob(b"F", repr(obj).encode())
+    elif isinstance(obj, str):
+        blob(b"S", obj.encode("utf-8"))
+    elif isinstance(obj, (bytes, bytearray)):
+        blob(b"Y", obj)
+    elif isinstance(obj, Tensor):
+        t = obj.detach()
+        blob(b"T", f"{t.dtype}|{tuple(t.shape)}|{t.device}".encode())
+        blob(b"D", t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError("numpy object arrays")
+        blob(b"A", f"{obj.dtype.str}|{obj.shape}".encode())
+        blob(b"D", np.ascontiguousarray(obj).reshape(-1).view(np.uint8))
+    elif isinstance(obj, os.PathLike):
+        blob(b"P", os.fspath(obj).encode("utf-8"))
+    elif isinstance(obj, dict):
+        h.update(b"M" + len(obj).to_bytes(8, "little"))
+        for k in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update((b"L" if isinstance(obj, list) else b"U") + len(obj).to_bytes(8, "little"))
+        for item in obj:
+            _feed(h, item)
+    else:
+        raise TypeError(f"cannot key a {type(obj).__name__}")
+
+
+def _result_key(method: str, image_embeddings: Tensor, text: "TextEmbeddings", config: "KPLConfig") -> str:
+    """sha256 over everything that can change a method's result: method, resolved config, X (dtype, shape, device,
+    bytes), every field of ``text``, the torch version and the digest of kplib's own source files."""
+    from . import cache as _cache
+
+    h = hashlib.sha256()
+    _feed(h, {
+        "format": "kplib.method-result-key/1", "method": method, "config": config.to_dict(),
+        "torch": torch.__version__, "kplib_code": _cache.code_digest(), "image_embeddings": image_embeddings,
+        "text": {f.name: getattr(text, f.name) for f in dataclasses.fields(text)},
+    })
+    return h.hexdigest()
+
+
+def cached_run_method(method: str, image_embeddings: Tensor, text: "TextEmbeddings",
+                      config: "KPLConfig | None" = None, *, cache: bool = True, **overrides: Any) -> "MethodResult":
+    """:func:`kplib.methods.run_method` through the method-result cache (:class:`kplib.cache.ResultCache` in
+    ``$KPL_CACHE_DIR``): same arguments, validation and result; a repeated call reads the stored result instead of
+    recomputing it.
+
+    The key covers the method, the resolved config, the image embeddings (dtype, shape, device, bytes), every field
+    of ``text``, the torch version and a digest of kplib's source. ``result.meta["result_cache"]`` says
+    ``{"hit", "key" (16 hex), "computed_seconds", "stored"}``. **On a hit ``result.timings`` (and
+    ``computed_seconds``) are those of the run that computed the result, not of this call.** ``cache=False``, an
+    unwritable cache folder (one :class:`~kplib.cache.CacheWarning`) or inputs that cannot be keyed compute as usual.
+    """
+    from . import methods as _methods
+    from .cache import ResultCache
+
+    check_choice(method, "method", _methods.METHODS + ("kpl",))
+    cfg = _methods.resolve_config(config, **overrides)
+    key = None
+    if cache and isinstance(text, _methods.TextEmbeddings):  # otherwise run_method raises its own error
+        try:
+            key = _result_key(method, image_embeddings, text, cfg)
+        except TypeError as exc:
+            log.warning("method result not cached: an input cannot be keyed (%s)", exc)
+    store = ResultCache() if key is not None else None
+    if store is not None:
+        found = store.get(key)
+        if found is not None:
+            found.meta["result_cache"] = {"hit": True, "key": key[:16],
+                                          "computed_seconds": found.timings.get("total"), "stored": True}
+            return found
+    result = _methods.run_method(method, image_embeddings, text, cfg)
+    stored = store.put(key, result) if store is not None else False
+    result.meta["result_cache"] = {"hit": False, "key": key[:16] if key else None,
+                                   "computed_seconds": result.timings.get("total"), "stored": stored}
+    return result

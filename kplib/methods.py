@@ -39,6 +39,7 @@ __all__ = [
     "KPLConfig",
     "MethodResult",
     "run_method",
+    "resolve_config",
     "zero_shot",
     "descriptor_mean",
     "inmap",
@@ -385,15 +386,11 @@ def kpl(
     return res
 
 
-def run_method(
-    method: str, image_embeddings: Tensor, text: TextEmbeddings, config: KPLConfig | None = None, **overrides
-) -> MethodResult:
-    """Run one of :data:`METHODS` (or ``"kpl"``, which uses ``config.mode``). ``overrides`` replace config fields.
+def resolve_config(config: KPLConfig | None = None, **overrides) -> KPLConfig:
+    """The config :func:`run_method` uses: ``config`` (default ``KPLConfig()``) with ``overrides`` applied.
 
-    Unknown field names and invalid values always raise; ``zero_shot`` and ``descriptor_mean`` have no parameters,
-    so a valid config/overrides is accepted and does not change them (lets callers loop over METHODS uniformly).
+    Unknown field names and invalid values raise :class:`KPLInputError` (even for methods that ignore the config).
     """
-    check_choice(method, "method", METHODS + ("kpl",))
     if config is not None and not isinstance(config, KPLConfig):
         raise KPLInputError(f"config must be a kplib.methods.KPLConfig or None, got {type(config).__name__}")
     cfg = config if config is not None else KPLConfig()
@@ -403,6 +400,19 @@ def run_method(
         if bad:
             raise KPLInputError(f"unknown KPLConfig field(s) {bad}; valid fields: {sorted(known)}")
         cfg = dataclasses.replace(cfg, **overrides)  # validated even when the method does not use it
+    return cfg
+
+
+def run_method(
+    method: str, image_embeddings: Tensor, text: TextEmbeddings, config: KPLConfig | None = None, **overrides
+) -> MethodResult:
+    """Run one of :data:`METHODS` (or ``"kpl"``, which uses ``config.mode``). ``overrides`` replace config fields.
+
+    Unknown field names and invalid values always raise; ``zero_shot`` and ``descriptor_mean`` have no parameters,
+    so a valid config/overrides is accepted and does not change them (lets callers loop over METHODS uniformly).
+    """
+    check_choice(method, "method", METHODS + ("kpl",))
+    cfg = resolve_config(config, **overrides)
     if method in ("zero_shot", "descriptor_mean"):  # parameter-free: a (valid) config does not apply
         return zero_shot(image_embeddings, text) if method == "zero_shot" else descriptor_mean(image_embeddings, text)
     if method == "inmap":
