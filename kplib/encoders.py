@@ -10,6 +10,9 @@ model, and every embedding carries an :class:`EncoderIdentity` saying which weig
 - The **untrained stand-in** is a small randomly initialised CLIP (fixed config, seed 0) with the real OpenAI CLIP
   tokenizer. It exists so the code runs where no pretrained weights can be loaded; its numbers mean nothing and it
   says so (:class:`kplib.errors.StandInWarning`, ``identity.label``).
+- Loading is lazy: :func:`load_encoder` fixes the identity, tokenizer and preprocessing from files (and small
+  memos in the cache folder), and the weights are built/loaded on first encode, so a re-run whose embeddings are
+  all cached never reads them (issue 6).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -39,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import config
 from ._checks import check_choice, check_int
-from .errors import ImageDecodeError, KPLInputError, StandInWarning
+from .errors import ImageDecodeError, KPLError, KPLInputError, StandInWarning
 
 log = logging.getLogger("kplib")
 
@@ -195,31 +198,108 @@ class ClipEncoder:
     """
 
     def __init__(self, model, tokenizer, image_processor, identity: EncoderIdentity,
-                 device: str | torch.device = "cpu", dtype: str = "float32"):
+                 device: str | torch.device = "cpu", dtype: str = "float32", *, context_length: int | None = None,
+                 embed_dim: int | None = None, preprocessing: dict | None = None):
+        """``model`` and ``image_processor`` are the objects themselves, or :class:`Deferred` builders that run on
+        first use (:func:`load_encoder` defers them when a cached re-run may never need them). A deferred model
+        needs ``context_length`` and ``embed_dim`` (read from the checkpoint's config); a deferred processor may
+        come with its known ``preprocessing`` description so the cache namespace is known without building it."""
         check_choice(dtype, "dtype", DTYPES)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
         self.identity = identity
-        self.context_length = int(model.config.text_config.max_position_embeddings)
-        self.embed_dim = int(model.config.projection_dim)
+        self._model_lock = threading.Lock()       # the model and the processor are built once, by one thread
+        self._processor_lock = threading.Lock()
+        self._model_error: BaseException | None = None
+        if isinstance(model, Deferred):
+            if context_length is None or embed_dim is None:
+                raise KPLInputError("a deferred model needs context_length and embed_dim (from its config)")
+            self._model, self._model_source = None, model
+        else:
+            self._model, self._model_source = model.to(self.device).eval(), None
+            context_length = int(model.config.text_config.max_position_embeddings)
+            embed_dim = int(model.config.projection_dim)
+        self.context_length = int(context_length)
+        self.embed_dim = int(embed_dim)
+        if isinstance(image_processor, Deferred):
+            self._processor, self._processor_source = None, image_processor
+        else:
+            self._processor, self._processor_source = image_processor, None
+        self._preprocessing = preprocessing
+        self._tokenizer_digest: str | None = None
 
     def __repr__(self) -> str:
         return (f"ClipEncoder({self.identity.label!r}, revision={self.identity.revision!r}, "
                 f"device={str(self.device)!r}, dtype={self.dtype!r}, dim={self.embed_dim})")
 
+    # ------------------------------------------------------------------ deferred parts
+    @property
+    def is_materialized(self) -> bool:
+        """Whether the model's weights are built/loaded (False until something needs encoding)."""
+        return self._model is not None
+
+    @property
+    def model(self):
+        """The ``CLIPModel``, built/loaded on first access (see :meth:`materialize`)."""
+        model = self._model
+        return model if model is not None else self.materialize()
+
+    def materialize(self):
+        """Build/load the model now (once; thread-safe) and return it. A checkpoint that turns out incomplete, or
+        weights that do not match the identity given out at load time, raise here (and on every later use)."""
+        with self._model_lock:
+            if self._model is None:
+                if self._model_error is not None:
+                    raise self._model_error
+                try:
+                    model = self._model_source()
+                except KPLError as exc:
+                    self._model_error = exc
+                    raise
+                self._model = model.to(self.device).eval()
+                log.info("materialised the model of %r", self)
+            return self._model
+
+    @property
+    def image_processor(self):
+        """The image processor (built on first access when deferred)."""
+        proc = self._processor
+        if proc is not None:
+            return proc
+        with self._processor_lock:
+            if self._processor is None:
+                proc = self._processor_source()
+                if self._preprocessing is not None:
+                    got = _preprocessing_of(proc)
+                    if got != self._preprocessing:
+                        self._processor_source.on_mismatch(self._preprocessing, got)
+                self._processor = proc
+            return self._processor
+
     # ------------------------------------------------------------------ identity of what the encoder computes
     @property
     def preprocessing(self) -> dict:
         """The image preprocessing settings (part of the embedding cache key)."""
-        d = self.image_processor.to_dict()
-        keep = ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize",
-                "image_mean", "image_std", "resample", "do_convert_rgb")
-        out = {k: d[k] for k in keep if k in d}
-        out["processor"] = type(self.image_processor).__name__
-        return json.loads(json.dumps(out, sort_keys=True, default=str))
+        if self._preprocessing is None:
+            self._preprocessing = _preprocessing_of(self.image_processor)
+        return self._preprocessing
+
+    @property
+    def tokenizer_digest(self) -> str | None:
+        """Digest of the tokenizer's files (part of the text-embedding cache key: the same weights with another
+        vocabulary or merges give other text embeddings). None when the tokenizer was not loaded from a folder."""
+        if self._tokenizer_digest is None:
+            folder = Path(str(getattr(self.tokenizer, "name_or_path", "") or ""))
+            files = sorted(f for f in TOKENIZER_FILES if (folder / f).is_file()) if folder.is_dir() else []
+            if files:
+                h = hashlib.blake2b(digest_size=8)
+                for name in files:
+                    h.update(f"{name}|".encode() + (folder / name).read_bytes() + b"\n")
+                self._tokenizer_digest = h.hexdigest()
+            else:
+                self._tokenizer_digest = ""
+        return self._tokenizer_digest or None
 
     def fingerprint(self) -> dict:
         """Everything that determines an image embedding besides the image bytes (model, weights, preprocessing,
@@ -271,6 +351,8 @@ class ClipEncoder:
         parts: list[Tensor] = []
         indices: list[int] = []
         failures: list[tuple[int, str]] = []
+        if n:
+            self.image_processor  # noqa: B018 -- build a deferred processor here, not in the decoding threads
         bar = tqdm(total=n, desc="encoding images", unit="img", disable=not progress)
         with keep_freed_memory():
             try:
@@ -301,6 +383,8 @@ class ClipEncoder:
                 idx.append(i)
             except ImageDecodeError as exc:
                 failed.append((i, exc))
+            except KPLError:  # not about this image (e.g. the deferred processor could not be built)
+                raise
             except Exception as exc:  # the processor choked on a decodable file (e.g. a 1-pixel image)
                 failed.append((i, ImageDecodeError(_name(images[i]), f"preprocessing failed: {exc}")))
         return idx, (torch.stack(pix) if pix else None), failed
@@ -383,6 +467,19 @@ def load_encoder(model: str = AUTO, device: str | None = None, dtype: str = "flo
     (``$KPL_MODEL``, default ``openai/clip-vit-large-patch14-336``), falling back to the stand-in — with a
     :class:`StandInWarning` — only when that model cannot be loaded. An explicit model that cannot be loaded raises
     :class:`KPLInputError` (no fallback).
+
+    The weights are loaded lazily: this call reads the checkpoint's config, tokenizer and preprocessing and fixes
+    the encoder's identity (so the embedding cache can answer), but the model is built/loaded only when something
+    is encoded (or on ``encoder.model`` / ``encoder.materialize()``). A cached re-run therefore never reads them.
+    Identity without weights: a hub id's revision is the commit of its snapshot in the local Hugging Face cache
+    (the hub is asked only when it is not cached there — in ``"auto"`` mode only when reachable — and then the
+    download is loaded at once); a local folder's is its hub-cache snapshot commit, else ``"files-"`` + a digest
+    of its config.json and weight files (memoised in the cache folder by path, size and mtime); the stand-in's is
+    ``"weights-"`` + the digest of its weights, memoised per recipe (config, seed, torch and transformers versions)
+    and checked when the model is built. What ``"auto"`` falls back on is decided here, from files: checkpoint not
+    available locally and hub unreachable, no CLIP config.json or weight file, tokenizer or image processor not
+    loadable. Weights missing from or mismatching the file are detected when the model is loaded (first encode):
+    :class:`KPLInputError` naming the checkpoint (never random-filled weights, never a fallback then).
     """
     if device is None:
         from .config import default_device
@@ -448,10 +545,55 @@ def load_clip_tokenizer(path: str | Path | None = None):
 
 def build_standin(device: str = "cpu", dtype: str = "float32") -> ClipEncoder:
     """The untrained stand-in encoder (no warning here; :func:`load_encoder` warns). Its revision is a digest of
-    its weights, so a change in torch's initialisation can never be mistaken for cached embeddings."""
+    its weights, so a change in torch's initialisation can never be mistaken for cached embeddings.
+
+    The digest is memoised per recipe (:func:`standin_recipe_key`) in ``<cache>/standin-revisions.json``; with a
+    memo the model is built only on first use and its digest checked then (see :func:`_checked_standin_model`).
+    Without one (first run, unreadable or unwritable memo) the model is built now, as always."""
+    tokenizer = load_clip_tokenizer()
+    recipe = standin_recipe_key(STANDIN_SEED)
+    memo = _Memo(STANDIN_MEMO)
+    known = memo.get(recipe)
+    processor, preprocessing = _processor_parts({"standin": STANDIN_PROCESSOR}, standin_image_processor,
+                                                STANDIN)
+    if isinstance(known, str) and re.fullmatch(r"[0-9a-f]{16}", known):
+        identity = EncoderIdentity(name=STANDIN, revision="weights-" + known, is_standin=True)
+        cfg = STANDIN_CONFIG
+        source = Deferred(lambda: _checked_standin_model(STANDIN_SEED, recipe, known), "the stand-in model")
+        return ClipEncoder(source, tokenizer, processor, identity, device=device, dtype=dtype,
+                           context_length=cfg["text_config"]["max_position_embeddings"],
+                           embed_dim=cfg["projection_dim"], preprocessing=preprocessing)
     model = build_standin_model(STANDIN_SEED)
-    identity = EncoderIdentity(name=STANDIN, revision="weights-" + weights_digest(model), is_standin=True)
-    return ClipEncoder(model, load_clip_tokenizer(), standin_image_processor(), identity, device=device, dtype=dtype)
+    digest = weights_digest(model)
+    memo.put(recipe, digest)
+    identity = EncoderIdentity(name=STANDIN, revision="weights-" + digest, is_standin=True)
+    return ClipEncoder(model, tokenizer, processor, identity, device=device, dtype=dtype, preprocessing=preprocessing)
+
+
+def standin_recipe_key(seed: int = STANDIN_SEED) -> str:
+    """What determines the stand-in's weights: its config, the seed and the torch/transformers versions (hash)."""
+    return _hash_json({"config": STANDIN_CONFIG, "seed": seed, "torch": torch.__version__,
+                       "transformers": _transformers_version()})
+
+
+def _checked_standin_model(seed: int, recipe: str, expected: str):
+    """Build the stand-in and check it is the one whose memoised digest named this run's cache entries."""
+    model = build_standin_model(seed)
+    got = weights_digest(model)
+    if got != expected:
+        memo = _Memo(STANDIN_MEMO)
+        fixed = memo.put(recipe, got)
+        now = (f"The memo now says weights-{got}; re-run (load the encoder again) and the old cached embeddings "
+               "will not be used." if fixed else
+               f"The memo could not be corrected (see the log): delete {memo.path} or make the cache folder "
+               "writable, then re-run.")
+        raise KPLError(
+            f"the untrained stand-in's initialisation is not reproducible on this machine: its recipe (seed {seed}, "
+            f"torch {torch.__version__}, transformers {_transformers_version()}) was memoised as weights-{expected} "
+            f"in {memo.path}, but the model built now hashes to weights-{got}. Embeddings this encoder already read "
+            f"from the cache (under revision weights-{expected}) may come from other weights, so nothing is encoded "
+            f"with the new model and results computed with this encoder in this run must be discarded. {now}")
+    return model
 
 
 def weights_digest(model) -> str:
@@ -469,71 +611,345 @@ def default_num_workers(n_images: int) -> int:
     return 1 if n_images <= 256 or (os.cpu_count() or 1) < 2 else 2
 
 
+# ---------------------------------------------------------------------------------------------------- deferred parts
+class Deferred:
+    """A part of an encoder (model, image processor) built on first use by ``build()``; ``what`` names it in logs.
+    ``on_mismatch(expected, got)`` is called when a deferred processor's preprocessing differs from the one given
+    out at load time (it corrects the memo and raises)."""
+
+    def __init__(self, build: Callable[[], Any], what: str, on_mismatch: Callable[[dict, dict], None] | None = None):
+        self.build, self.what, self._on_mismatch = build, what, on_mismatch
+
+    def __call__(self):
+        return self.build()
+
+    def on_mismatch(self, expected: dict, got: dict) -> None:
+        if self._on_mismatch is not None:
+            self._on_mismatch(expected, got)
+        raise KPLError(f"{self.what}: preprocessing {got} differs from the memoised {expected}")
+
+    def __repr__(self) -> str:
+        return f"Deferred({self.what})"
+
+
+#: Files that define a Hugging Face CLIP tokenizer (those present are hashed into the text cache key).
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+STANDIN_MEMO = "standin-revisions.json"
+CHECKPOINT_MEMO = "checkpoint-digests.json"
+PREPROCESSING_MEMO = "preprocessing-memo.json"
+
+
+class _Memo:
+    """A small JSON object in the cache folder holding values that are slow to compute and cheap to check.
+
+    A missing, unreadable or corrupt file reads as empty; a failed write is logged and ignored (the value is then
+    computed again next time). Writes are atomic (temporary file + ``os.replace``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def path(self) -> Path:
+        return config.cache_dir() / self.name
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.info("ignoring unreadable memo %s (%s); recomputing", self.path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: str):
+        return self._read().get(key)
+
+    def put(self, key: str, value) -> bool:
+        from .cache import _atomic_write
+
+        data = self._read()
+        data[key] = value
+        try:
+            _atomic_write(self.path, json.dumps(data, sort_keys=True, indent=1).encode("utf-8"))
+            return True
+        except OSError as exc:
+            log.info("cannot write memo %s (%s); it is recomputed on the next load", self.path, exc)
+            return False
+
+
+def _hash_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _transformers_version() -> str:
+    mod = sys.modules.get("transformers")
+    if mod is not None and getattr(mod, "__version__", None):
+        return str(mod.__version__)
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
+def _preprocessing_of(processor) -> dict:
+    """The image preprocessing settings of a processor (part of the embedding cache key)."""
+    d = processor.to_dict()
+    keep = ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize",
+            "image_mean", "image_std", "resample", "do_convert_rgb")
+    out = {k: d[k] for k in keep if k in d}
+    out["processor"] = type(processor).__name__
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _processor_parts(source: dict, build: Callable[[], Any], name: str) -> tuple[Any, dict]:
+    """(processor or Deferred, preprocessing). Building an image processor imports most of transformers' model
+    code (~1.4 s), so its preprocessing description is memoised by ``source`` (what the processor is built from)
+    and the transformers version; with a memo the processor is built only when an image is preprocessed."""
+    key = _hash_json({"source": source, "transformers": _transformers_version()})
+    memo = _Memo(PREPROCESSING_MEMO)
+    known = memo.get(key)
+    if isinstance(known, dict) and known.get("processor"):
+        def mismatch(expected: dict, got: dict) -> None:
+            memo.put(key, got)
+            raise KPLError(
+                f"the image preprocessing of {name!r} built now ({got}) differs from the one memoised in "
+                f"{memo.path} ({expected}) that named this run's embedding cache entries. Embeddings read from the "
+                "cache by this encoder may come from other preprocessing: discard this run's results; the memo is "
+                "corrected, re-run.")
+        return Deferred(build, f"the image processor of {name!r}", mismatch), known
+    processor = build()
+    preprocessing = _preprocessing_of(processor)
+    memo.put(key, preprocessing)
+    return processor, preprocessing
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
 _PATHLIKE = re.compile(r"^(/|\.{1,2}/|~|[A-Za-z]:\\)")
+#: Weight files in the order ``from_pretrained`` looks for them: (single file, index of shards).
+_WEIGHT_FORMATS = (("model.safetensors", "model.safetensors.index.json"),
+                   ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def checkpoint_weight_files(folder: str | Path) -> list[Path]:
+    """The weight files ``from_pretrained`` reads in a ``save_pretrained`` folder: ``model.safetensors``, or the
+    index and its shards, else the same for ``pytorch_model.bin``. Empty when there is none; KPLInputError when an
+    index names a missing shard or cannot be read."""
+    folder = Path(folder)
+    for single, index in _WEIGHT_FORMATS:
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise KPLInputError(f"cannot read the shard index {folder / index}: {exc}; re-save the checkpoint "
+                                    "with save_pretrained") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise KPLInputError(f"checkpoint folder {folder} lacks shard(s) {missing[:3]} named in {index}; "
+                                    "copy the complete checkpoint")
+            return [folder / index] + [folder / s for s in shards]
+    return []
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _file_digest(path: Path, memo: _Memo) -> str:
+    """blake2b of a file's bytes, memoised by (absolute path, size, mtime_ns) so a re-run does not re-read GBs."""
+    real, size, mtime = _stamp(path)
+    known = memo.get(real)
+    if (isinstance(known, dict) and known.get("size") == size and known.get("mtime_ns") == mtime
+            and isinstance(known.get("blake2b"), str)):
+        return known["blake2b"]
+    h = hashlib.blake2b(digest_size=16)
+    buf = bytearray(1 << 24)
+    view = memoryview(buf)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    digest = h.hexdigest()
+    if _stamp(path) == (real, size, mtime):  # not modified while reading
+        memo.put(real, {"size": size, "mtime_ns": mtime, "blake2b": digest})
+    return digest
+
+
+def checkpoint_files_digest(folder: str | Path) -> str:
+    """Digest of a checkpoint folder's ``config.json`` and weight files (names and bytes, sorted by name).
+
+    The revision of a local folder that is not a hub-cache snapshot is ``"files-" + checkpoint_files_digest``;
+    per-file digests are memoised in ``<cache>/checkpoint-digests.json``."""
+    folder = Path(folder)
+    files = sorted({folder / "config.json", *checkpoint_weight_files(folder)}, key=lambda p: p.name)
+    memo = _Memo(CHECKPOINT_MEMO)
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        h.update(f"{f.name}|{_file_digest(f, memo)}\n".encode())
+    return h.hexdigest()
+
+
+def _snapshot_commit(folder: Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot folder (``.../snapshots/<40 hex>``), else None."""
+    real = folder.resolve()
+    if re.fullmatch(r"[0-9a-f]{40}", real.name) and real.parent.name == "snapshots":
+        return real.name
+    return None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache snapshot of ``repo_id`` (no network), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # not cached, invalid id, ...
+        log.debug("%s is not in the local Hugging Face cache (%s)", repo_id, _first_line(exc))
+        return None
+
+
+def _pil_backend() -> dict:
+    """The PIL image processors reproduce OpenAI CLIP's preprocessing and do not depend on torchvision."""
+    return {"backend": "pil"} if int(_transformers_version().split(".")[0]) >= 5 else {"use_fast": False}
+
+
+def _cannot_load(model_id: str, why: str) -> KPLInputError:
+    return KPLInputError(
+        f"cannot load CLIP checkpoint {model_id!r}: {why}. It must be a Hugging Face CLIP model (CLIPModel) with "
+        "its tokenizer and preprocessor_config.json, given as a hub id or a local folder; use model='standin' for "
+        "the untrained stand-in.")
 
 
 def _load_pretrained(model_id: str, device: str, dtype: str, allow_network: bool | None) -> ClipEncoder:
-    """``CLIPModel.from_pretrained`` + the checkpoint's tokenizer and image processor.
+    """A hub id or local folder → :class:`ClipEncoder` (model deferred when the files are local).
 
     ``allow_network=None`` (auto mode): use the local Hugging Face cache first and go to the hub only when it is
     reachable, so an offline machine falls back in milliseconds instead of retrying for ~20 s.
     """
-    import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-    # The PIL image processors reproduce OpenAI CLIP's preprocessing and do not depend on torchvision.
-    pil_backend = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
     local = Path(model_id).expanduser()
-    is_dir = local.is_dir()
-    if not is_dir and (_PATHLIKE.match(model_id) or model_id.count("/") > 1 or local.exists()):
+    if local.is_dir():
+        return _load_folder(local, model_id, device, dtype)
+    if _PATHLIKE.match(model_id) or model_id.count("/") > 1 or local.exists():
         raise KPLInputError(f"model folder {model_id!r} not found (or not a folder). Pass an existing folder saved "
                             "with CLIPModel.save_pretrained, a Hugging Face hub id such as "
                             "'openai/clip-vit-base-patch16', or 'standin'.")
-    source = str(local) if is_dir else model_id
-    # local folder: files only; explicit hub id: transformers' own cache+network logic; auto: cache, then network
-    tries = [True] if is_dir else ([True, False] if allow_network is None else [False])
-    parts, error = None, None
-    for local_only in tries:
-        if not local_only and allow_network is None and not _hub_reachable():
-            error = OSError(f"not in the local Hugging Face cache and the hub is unreachable ({_first_line(error)})")
-            break
+    error: Exception | None = None
+    snapshot = _cached_snapshot(model_id)
+    if snapshot is not None:
         try:
-            model, info = CLIPModel.from_pretrained(source, local_files_only=local_only, output_loading_info=True)
-            parts = (model, info,
-                     AutoTokenizer.from_pretrained(source, local_files_only=local_only),
-                     AutoImageProcessor.from_pretrained(source, local_files_only=local_only, **pil_backend))
-            break
-        except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError variants
+            return _load_folder(snapshot, model_id, device, dtype)
+        except KPLInputError as exc:  # e.g. only some files of the snapshot are cached: ask the hub
             error = exc
-    if parts is None:
-        raise KPLInputError(
-            f"cannot load CLIP checkpoint {model_id!r}: {_first_line(error)}. It must be a Hugging Face CLIP model "
-            "(CLIPModel) with its tokenizer and preprocessor_config.json, given as a hub id or a local folder; "
-            "use model='standin' for the untrained stand-in.") from error
-    model, info, tokenizer, processor = parts
-    if getattr(model.config, "model_type", None) != "clip":
-        raise KPLInputError(f"{model_id!r} is a {getattr(model.config, 'model_type', '?')!r} checkpoint, not a CLIP "
-                            "(model_type 'clip') one; kplib loads CLIPModel checkpoints only")
+            log.info("cached snapshot %s of %s is incomplete (%s)", snapshot, model_id, _first_line(exc))
+    if allow_network is None and not _hub_reachable():
+        raise _cannot_load(model_id, "not in the local Hugging Face cache and the hub is unreachable "
+                                     f"({_first_line(error) if error else 'no cached snapshot'})")
+    return _download_and_load(model_id, device, dtype)
+
+
+def _load_folder(folder: Path, model_id: str, device: str, dtype: str) -> ClipEncoder:
+    """A ``save_pretrained`` folder (or hub-cache snapshot): config, tokenizer and preprocessing now, model deferred."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise _cannot_load(model_id, f"{folder} has no config.json")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _cannot_load(model_id, f"cannot read {cfg_file}: {exc}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != "clip":
+        raise KPLInputError(f"{model_id!r} is a {model_type!r} checkpoint, not a CLIP (model_type 'clip') one; "
+                            "kplib loads CLIPModel checkpoints only")
+    weights = checkpoint_weight_files(folder)
+    if not weights:
+        raise _cannot_load(model_id, f"{folder} has no weight file ({', '.join(n for f in _WEIGHT_FORMATS for n in f)})")
+    from transformers import AutoTokenizer, CLIPConfig  # not AutoImageProcessor: importing it costs ~1.5 s
+
+    try:
+        cfg = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError variants
+        raise _cannot_load(model_id, _first_line(exc)) from exc
+    source = {name: (hashlib.sha256((folder / name).read_bytes()).hexdigest() if (folder / name).is_file() else None)
+              for name in ("preprocessor_config.json", "config.json")}
+    source["backend"] = _pil_backend()
+
+    def build_processor():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(str(folder), local_files_only=True, **_pil_backend())
+
+    try:
+        processor, preprocessing = _processor_parts(source, build_processor, model_id)
+    except Exception as exc:
+        raise _cannot_load(model_id, _first_line(exc)) from exc
+    commit = _snapshot_commit(folder)
+    try:
+        revision = commit or "files-" + checkpoint_files_digest(folder)
+        stamps = None if commit else [_stamp(f) for f in [cfg_file, *weights]]
+    except OSError as exc:
+        raise _cannot_load(model_id, f"cannot read its files: {exc}") from None
+    identity = EncoderIdentity(name=model_id, revision=revision, is_standin=False)
+    source_model = Deferred(lambda: _load_checkpoint_model(folder, model_id, stamps), f"the model of {model_id!r}")
+    enc = ClipEncoder(source_model, tokenizer, processor, identity, device=device, dtype=dtype,
+                      context_length=int(cfg.text_config.max_position_embeddings), embed_dim=int(cfg.projection_dim),
+                      preprocessing=preprocessing)
+    log.info("loaded %r (weights deferred until first encode)", enc)
+    return enc
+
+
+def _load_checkpoint_model(folder: Path, model_id: str, stamps: list | None):
+    """``CLIPModel.from_pretrained`` on a local folder, refusing incomplete weights (never random-filled)."""
+    if stamps is not None:
+        try:
+            now = [_stamp(Path(p)) for p, _, _ in stamps]
+        except OSError:
+            now = None
+        if now != stamps:
+            raise KPLError(f"the files of checkpoint {model_id!r} ({folder}) changed (or vanished) after "
+                           "load_encoder computed its revision from them; call load_encoder again")
+    from transformers import CLIPModel
+
+    try:
+        model, info = CLIPModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except Exception as exc:
+        raise KPLInputError(f"cannot load the weights of CLIP checkpoint {model_id!r} ({folder}): "
+                            f"{_first_line(exc)}. Use a complete CLIPModel checkpoint whose config.json matches "
+                            "its weights (saved with save_pretrained), or model='standin'.") from exc
+    _refuse_incomplete(model_id, info)
+    return model
+
+
+def _refuse_incomplete(model_id: str, info: dict) -> None:
     # transformers fills weights missing from the file with random values and only logs it: refuse that
     bad = sorted(set(info.get("missing_keys") or ()) | {str(k) for k in (info.get("mismatched_keys") or ())})
     if bad:
         raise KPLInputError(f"checkpoint {model_id!r} lacks or mismatches {len(bad)} CLIP weight(s) (e.g. "
                             f"{bad[:3]}); they would be random. Use a complete CLIPModel checkpoint.")
-    identity = EncoderIdentity(name=model_id, revision=_revision(model, local if is_dir else None), is_standin=False)
+
+
+def _download_and_load(model_id: str, device: str, dtype: str) -> ClipEncoder:
+    """Hub id not in the local cache: ``from_pretrained`` downloads it and loads it at once (a first run)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    try:
+        model, info = CLIPModel.from_pretrained(model_id, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        processor = AutoImageProcessor.from_pretrained(model_id, **_pil_backend())
+    except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError variants
+        raise _cannot_load(model_id, _first_line(exc)) from exc
+    if getattr(model.config, "model_type", None) != "clip":
+        raise KPLInputError(f"{model_id!r} is a {getattr(model.config, 'model_type', '?')!r} checkpoint, not a CLIP "
+                            "(model_type 'clip') one; kplib loads CLIPModel checkpoints only")
+    _refuse_incomplete(model_id, info)
+    commit = getattr(model.config, "_commit_hash", None)
+    revision = str(commit) if commit else "weights-" + weights_digest(model)
+    identity = EncoderIdentity(name=model_id, revision=revision, is_standin=False)
     enc = ClipEncoder(model, tokenizer, processor, identity, device=device, dtype=dtype)
     log.info("loaded %r", enc)
     return enc
-
-
-def _revision(model, local_dir: Path | None) -> str:
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return str(commit)
-    if local_dir is not None:  # a hub cache snapshot folder is named after its commit
-        name = local_dir.resolve().name
-        if re.fullmatch(r"[0-9a-f]{40}", name) and local_dir.resolve().parent.name == "snapshots":
-            return name
-    return "weights-" + weights_digest(model)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -127,7 +127,7 @@ def _image_namespace(encoder: ClipEncoder) -> dict:
 def _text_namespace(encoder: ClipEncoder) -> dict:
     fp = encoder.fingerprint()
     return {"kind": "text", "model": fp["model"], "revision": fp["revision"], "is_standin": fp["is_standin"],
-            "dtype": fp["dtype"], "context_length": encoder.context_length}
+            "dtype": fp["dtype"], "context_length": encoder.context_length, "tokenizer": encoder.tokenizer_digest}
 
 
 def embed_dataset(dataset, encoder: ClipEncoder, cache: bool = True, on_error: str = "stop", batch_size: int = 32,

@@ -16,6 +16,7 @@ from kplib.encoders import (
     PromptTruncationWarning,
     _unit,
     build_standin_model,
+    checkpoint_files_digest,
     load_clip_tokenizer,
     load_encoder,
     weights_digest,
@@ -72,7 +73,7 @@ def test_save_pretrained_roundtrip_gives_identical_embeddings(saved_tiny):
     assert not loaded.identity.is_standin
     assert loaded.identity.name == str(folder)
     assert loaded.identity.label == str(folder)
-    assert loaded.identity.revision == "weights-" + weights_digest(model)
+    assert loaded.identity.revision == "files-" + checkpoint_files_digest(folder)  # config + weight file bytes
     assert loaded.context_length == 77 and loaded.embed_dim == 16
     assert loaded.preprocessing["crop_size"] == {"height": 32, "width": 32}
 
@@ -138,8 +139,9 @@ def test_incomplete_checkpoint_is_refused(saved_tiny, tmp_path):
     shutil.copytree(folder, broken)
     sd = {k: v for k, v in model.state_dict().items() if k != "text_projection.weight"}
     model.save_pretrained(broken, state_dict=sd)
+    enc = load_encoder(str(broken))  # weights are loaded (and checked) on first encode
     with pytest.raises(KPLInputError, match="text_projection"):
-        load_encoder(str(broken))
+        enc.encode_texts(["a photo of a cat."])
 
 
 def test_explicit_bad_model_raises_without_fallback(tmp_path):
