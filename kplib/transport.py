@@ -117,8 +117,13 @@ def inmap_sinkhorn(pseudo_labels: Tensor, class_marginal: Tensor | None = None, 
     iters = check_int(iters, "iters", minimum=0)
     n, c = p0.shape
     q = _marginal(class_marginal, c, p0.dtype)
-    if (p0.sum(dim=0) <= 0).any():
-        raise KPLInputError("pseudo_labels has a class column that is all zero; Sinkhorn scaling is undefined")
+    empty = (p0.sum(dim=0) <= 0).nonzero().flatten().tolist()
+    if empty:
+        raise KPLInputError(
+            f"pseudo_labels gives class column(s) {empty} zero probability on every image, so Sinkhorn cannot scale "
+            "them to their class share. With P0 = softmax(L / tau_t) this happens when tau_t is so small that the "
+            "softmax underflows to exactly 0 (e.g. 1e-4 with few images): raise tau_t (InMaP's default is 0.01), "
+            "or use the corrected mode's log-domain transport (transport='semidual_newton').")
     p = p0 / n
     for _ in range(iters):
         p = p * (q / p.sum(dim=0))

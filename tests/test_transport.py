@@ -281,3 +281,10 @@ def test_transport_validation(call, fragment):
     with pytest.raises(KPLInputError) as info:
         call(_logits())
     assert fragment in str(info.value)
+
+
+def test_inmap_sinkhorn_names_empty_class_columns_and_the_fix():
+    """A class no image gives any probability (softmax underflow at tiny tau_t) is named, with what to do."""
+    p0 = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]], dtype=torch.float64)
+    with pytest.raises(KPLInputError, match=r"class column\(s\) \[2\].*raise tau_t"):
+        inmap_sinkhorn(p0)
