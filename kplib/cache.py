@@ -107,6 +107,29 @@ def _atomic_write(path: Path, blob: bytes) -> None:
         raise
 
 
+def _frame(magic: bytes, header: dict, payload: bytes) -> bytes:
+    """One cache entry: magic, header length, JSON header, payload (shared by both caches)."""
+    head = json.dumps(header).encode("ascii")
+    return magic + struct.pack("<I", len(head)) + head + payload
+
+
+def _unframe(magic: bytes, key: str, blob: bytes) -> tuple[dict, bytes]:
+    """Split and check an entry written by :func:`_frame`: magic, header, key. ValueError says what is wrong."""
+    start = len(magic) + 4
+    if not blob.startswith(magic) or len(blob) < start:
+        raise ValueError("bad magic (not a kplib cache entry, overwritten or truncated)")
+    (hlen,) = struct.unpack("<I", blob[len(magic):start])
+    if hlen > _MAX_HEADER or len(blob) < start + hlen:
+        raise ValueError("truncated or invalid header")
+    try:
+        header = json.loads(blob[start:start + hlen].decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("unreadable header") from None
+    if not isinstance(header, dict) or header.get("key") != key:
+        raise ValueError("entry belongs to another key")
+    return header, blob[start + hlen:]
+
+
 class EmbeddingCache:
     """Embedding cache for one namespace (model + revision + preprocessing). See the module docstring."""
 
@@ -189,33 +212,17 @@ class EmbeddingCache:
     def _encode_entry(self, key: str, value: Tensor) -> bytes:
         arr = np.ascontiguousarray(value.detach().to("cpu", torch.float32).numpy())
         payload = arr.tobytes()
-        header = json.dumps(
-            {"key": key, "dtype": "float32", "shape": list(arr.shape), "sha256": hashlib.sha256(payload).hexdigest()}
-        ).encode("ascii")
-        return MAGIC + struct.pack("<I", len(header)) + header + payload
+        return _frame(MAGIC, {"key": key, "dtype": "float32", "shape": list(arr.shape),
+                              "sha256": hashlib.sha256(payload).hexdigest()}, payload)
 
     def _decode_entry(self, key: str, blob: bytes) -> Tensor:
         """Parse and verify one entry; ValueError says what is wrong."""
-        if not blob.startswith(MAGIC):
-            raise ValueError("bad magic (not a kplib cache entry or overwritten)")
-        start = len(MAGIC) + 4
-        if len(blob) < start:
-            raise ValueError("truncated header")
-        (hlen,) = struct.unpack("<I", blob[len(MAGIC):start])
-        if hlen > _MAX_HEADER or len(blob) < start + hlen:
-            raise ValueError("truncated or invalid header")
-        try:
-            header = json.loads(blob[start:start + hlen].decode("ascii"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("unreadable header") from None
-        if header.get("key") != key:
-            raise ValueError("entry belongs to another key")
+        header, payload = _unframe(MAGIC, key, blob)
         if header.get("dtype") != "float32":
             raise ValueError(f"unexpected dtype {header.get('dtype')!r}")
         shape = header.get("shape")
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise ValueError("invalid shape")
-        payload = blob[start + hlen:]
         if len(payload) != int(np.prod(shape, dtype=np.int64)) * 4:
             raise ValueError(f"payload has {len(payload)} bytes, shape {shape} needs {int(np.prod(shape)) * 4}")
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
@@ -405,28 +412,15 @@ class ResultCache:
         buf = io.BytesIO()
         torch.save(result, buf)
         payload = buf.getvalue()
-        header = json.dumps({"key": key, "format": "torch.save/MethodResult", "torch": torch.__version__,
-                             "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}).encode("ascii")
-        return RESULT_MAGIC + struct.pack("<I", len(header)) + header + payload
+        return _frame(RESULT_MAGIC, {"key": key, "format": "torch.save/MethodResult", "torch": torch.__version__,
+                                     "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}, payload)
 
     @staticmethod
     def _decode(key: str, blob: bytes):
         """Verify the header and checksum, then load safely; ValueError says what is wrong."""
         from .methods import MethodResult
 
-        start = len(RESULT_MAGIC) + 4
-        if not blob.startswith(RESULT_MAGIC) or len(blob) < start:
-            raise ValueError("bad magic (not a kplib result entry, overwritten or truncated)")
-        (hlen,) = struct.unpack("<I", blob[len(RESULT_MAGIC):start])
-        if hlen > _MAX_HEADER or len(blob) < start + hlen:
-            raise ValueError("truncated or invalid header")
-        try:
-            header = json.loads(blob[start:start + hlen].decode("ascii"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("unreadable header") from None
-        if not isinstance(header, dict) or header.get("key") != key:
-            raise ValueError("entry belongs to another key")
-        payload = blob[start + hlen:]
+        header, payload = _unframe(RESULT_MAGIC, key, blob)
         if len(payload) != header.get("size"):
             raise ValueError(f"payload has {len(payload)} bytes, header says {header.get('size')}")
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
