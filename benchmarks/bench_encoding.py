@@ -324,14 +324,16 @@ def measure_batch_sizes(cfg: dict, pixels: torch.Tensor, sizes: list[int], repea
     model = build_tower(cfg, "sdpa")
     flops = vit_flops(cfg)["total"]
     T, d, m = tokens(cfg), cfg["hidden_size"], cfg["intermediate_size"]
-    print(f"\n  batch size (fp32, sdpa), {pixels.shape[0]} images; GEMM-bound fraction against the GEMM at that batch:")
+    print(f"\n  batch size ({KPLIB_PATH}), {pixels.shape[0]} images; GEMM-bound fraction against the GEMM at that "
+          "batch:")
     for b in sizes:
         batches = [pixels[i:i + b] for i in range(0, pixels.shape[0], b)]
         t, g = Timing(), Timing()
-        torch.cat([embed(model, x, "fp32") for x in batches])
-        for _ in range(repeats):
-            g.add(**vars(gemm_rate(b * T, d, m, torch.float32)))
-            t.add(*timed(lambda: torch.cat([embed(model, x, "fp32") for x in batches])))
+        with GlibcHeap():
+            torch.cat([embed(model, x, "kplib") for x in batches])
+            for _ in range(repeats):
+                g.add(**vars(gemm_rate(b * T, d, m, torch.float32)))
+                t.add(*timed(lambda: torch.cat([embed(model, x, "kplib") for x in batches])))
         gf = 2 * b * T * d * m
         print(line(f"batch {b}", pixels.shape[0], t, bound_time(flops, pixels.shape[0], g, gf)))
 
@@ -440,7 +442,7 @@ def main(argv=None) -> int:
         variants.append("fp32 TorchScript freeze+optimize (not used)")
     rb = measure_tower("ViT-B/16", VIT_B16, pix_b, min(args.batch_size, n_b), repeats, variants, args.compile)
     if not args.quick:
-        measure_batch_sizes(VIT_B16, pix_b, [4, 8], repeats=2)
+        measure_batch_sizes(VIT_B16, pix, [8, 16, 32], repeats=2)
     rl = measure_tower("ViT-L/14", VIT_L14, pix[:n_l], min(args.batch_size, n_l), max(1, repeats - 1),
                        ["fp32 (sdpa, inference_mode)", KPLIB_PATH, "bf16 autocast"], False)
     measure_decoding(paths, repeats)
