@@ -220,7 +220,7 @@ class ClipEncoder:
                 raise KPLInputError("a deferred model needs context_length, embed_dim and vision_act (from its config)")
             self._model, self._model_source = None, model
         else:
-            self._model, self._model_source = model.to(self.device).eval(), None
+            self._model, self._model_source = _prepared(model, self.device), None
             context_length = int(model.config.text_config.max_position_embeddings)
             embed_dim = int(model.config.projection_dim)
             vision_act = model.config.vision_config.hidden_act
@@ -294,7 +294,7 @@ class ClipEncoder:
                 except KPLError as exc:
                     self._model_error = exc
                     raise
-                model = model.to(self.device).eval()
+                model = _prepared(model, self.device)
                 if self._vision_forward == "kplib":
                     try:
                         self._check_structure(model)
@@ -1042,6 +1042,28 @@ def _warn_standin(reason: str) -> None:
            f"meaningless and must not be reported as a result. {reason}")
     log.warning(msg)
     warnings.warn(msg, StandInWarning, stacklevel=3)
+
+
+#: Byte alignment of the CPU allocator's blocks. BLAS kernels take different code paths (and round differently) for
+#: operands at other addresses; safetensors' memory-mapped weights sit at any 4-byte offset of the file.
+CPU_ALIGNMENT = 64
+
+
+def _prepared(model, device: torch.device):
+    """``model`` on ``device`` in eval mode, with every CPU parameter and buffer at a 64-byte aligned address.
+
+    Why: a checkpoint loaded by ``from_pretrained`` keeps its tensors where safetensors mapped them (measured here:
+    ``data_ptr() % 64 == 20`` for a saved tiny CLIP), and the CPU matrix products round differently for unaligned
+    operands (~1e-7 in the embeddings). Copying those tensors once makes a checkpoint give bit-identical
+    embeddings whether it was loaded from disk or built in memory, which the embedding cache relies on.
+    """
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu":
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                if t.numel() and t.data_ptr() % CPU_ALIGNMENT:
+                    t.data = t.data.clone()
+    return model
 
 
 def _unit(out) -> Tensor:

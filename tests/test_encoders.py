@@ -95,6 +95,31 @@ def test_save_pretrained_roundtrip_gives_identical_embeddings(saved_tiny):
     assert torch.allclose(a.norm(dim=1), torch.ones(5), atol=1e-5)
 
 
+def test_unaligned_weights_are_realigned_so_embeddings_do_not_depend_on_addresses(saved_tiny):
+    """Weights mapped from a safetensors file sit at arbitrary 4-byte offsets; CPU matrix products round
+    differently there. The encoder copies such tensors to aligned memory, so the embeddings equal those of the same
+    weights built in memory (the round-trip test above depends on it)."""
+    folder, model, tokenizer, processor = saved_tiny
+    import copy
+
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in shifted.parameters():   # every weight at a 4-byte offset from the allocator's 64-byte alignment
+            block = torch.empty(p.numel() + 1, dtype=p.dtype)
+            view = block[1:].view_as(p)
+            view.copy_(p.data)
+            p.data = view
+    assert all(p.data_ptr() % 64 == 4 for p in shifted.parameters())
+    enc = ClipEncoder(shifted, tokenizer, processor, EncoderIdentity("shifted", None, False))
+    assert all(t.data_ptr() % 64 == 0 for t in (*enc.model.parameters(), *enc.model.buffers()) if t.numel())
+    for p, q in zip(enc.model.parameters(), model.parameters()):
+        assert torch.equal(p, q)   # values untouched
+    memory = ClipEncoder(model, tokenizer, processor, EncoderIdentity("memory", None, False))
+    ims = _images(5)
+    assert torch.equal(enc.encode_images(ims, batch_size=2, progress=False),
+                       memory.encode_images(ims, batch_size=2, progress=False))
+
+
 def test_auto_loads_configured_real_model_without_warning(saved_tiny, monkeypatch):
     folder, model, *_ = saved_tiny
     monkeypatch.setenv("KPL_MODEL", str(folder))
