@@ -191,7 +191,9 @@ def test_reference_cycle_exit_is_exact(c, seed, dtype, iters):
     x, y, w0 = _problem(n=200, c=c, d=16, seed=seed, dtype=dtype, rows_one_over_n=True)
     fast = learn_proxies(x, y, w0, iters=iters, record_every=7)
     full = learn_proxies(x, y, w0, iters=iters, record_every=7, detect_cycles=False)
-    assert fast.evaluations < iters // 3  # the state did repeat early (measured: 99-210 passes)
+    # the state did repeat well before the end, so the filled-in part is not trivial; when it repeats depends on
+    # the CPU's rounding (measured: 99-210 passes on an Intel Xeon, up to 717 on an AMD EPYC)
+    assert fast.evaluations < 0.9 * iters, f"{fast.evaluations} of {iters} steps computed: no early repeat"
     assert full.evaluations == iters and fast.iterations == full.iterations == iters
     assert torch.equal(fast.proxies, full.proxies)
     assert fast.lr_history == full.lr_history
