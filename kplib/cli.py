@@ -93,7 +93,8 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
                         "stand-in with a loud warning when it cannot be loaded")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: $KPL_DEVICE, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute precision (bfloat16 uses autocast; embeddings are always float32)")
+                   help="compute precision (bfloat16: faster where the CPU has bfloat16 instructions, and on GPUs; "
+                        "embeddings are always float32)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--limit-per-class", type=int, default=None, metavar="N",
                    help="use a seeded random subset of at most N images per class")

@@ -244,11 +244,12 @@ class ClipEncoder:
     @property
     def vision_forward(self) -> str:
         """Which code computes image features: ``"kplib"`` (:mod:`kplib.vision_forward`, the same function with
-        fewer memory passes: ~10% faster on CPU in float32, measured by ``make bench``) or ``"transformers"``
-        (``CLIPModel.get_image_features``). Set it to ``"auto"`` (the default: kplib's where it applies — CPU,
-        float32, a quick_gelu or gelu image tower — else transformers'), ``"kplib"`` (an error where it does not
-        apply) or ``"transformers"``. The two agree to float32 rounding (~1e-6) but not bit for bit, so the choice
-        is part of the embedding cache namespace (:meth:`fingerprint`). Set it before encoding."""
+        fewer memory passes: ~10% faster on CPU in float32; in bfloat16, weights cast once and a float32 residual
+        stream, faster and closer to float32 than autocast; measured by ``make bench``) or ``"transformers"``
+        (``CLIPModel.get_image_features``, under autocast in bfloat16). Set it to ``"auto"`` (the default: kplib's
+        where it applies — CPU, a quick_gelu or gelu image tower — else transformers'), ``"kplib"`` (an error where
+        it does not apply) or ``"transformers"``. The two agree to rounding but not bit for bit, so the choice is
+        part of the embedding cache namespace (:meth:`fingerprint`). Set it before encoding."""
         return self._vision_forward
 
     @vision_forward.setter
@@ -262,6 +263,7 @@ class ClipEncoder:
         if resolved == "kplib" and self._model is not None:
             self._check_structure(self._model)
         self._vision_forward = resolved
+        self._bf16 = None     # kplib's bfloat16 copies of the image tower's matrices, cast on first use
 
     def _check_structure(self, model) -> None:
         try:
@@ -350,10 +352,17 @@ class ClipEncoder:
         numeric precision). Used as the cache namespace."""
         return {"model": self.identity.name, "revision": self.identity.revision,
                 "is_standin": self.identity.is_standin, "preprocessing": self.preprocessing, "dtype": self.dtype,
-                "vision_forward": _vf.NAME if self._vision_forward == "kplib" else "transformers"}
+                "vision_forward": _vf.name(self.dtype) if self._vision_forward == "kplib" else "transformers"}
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
+
+    def _bf16_weights(self) -> list:
+        model = self.model
+        with self._model_lock:
+            if self._bf16 is None or self._bf16[0] is not model:
+                self._bf16 = (model, _vf.bf16_weights(model))
+            return self._bf16[1]
 
     # ------------------------------------------------------------------ images
     def preprocess(self, image) -> Tensor:
@@ -371,6 +380,8 @@ class ClipEncoder:
     def encode_pixels(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) pixels → (B, d) float32 unit-norm image embeddings (computed by :attr:`vision_forward`)."""
         pixel_values = pixel_values.to(self.device)
+        if self._vision_forward == "kplib" and self.dtype == "bfloat16":
+            return _unit(_vf.image_features_bf16(self.model, self._bf16_weights(), pixel_values, self.vision_act))
         if self._vision_forward == "kplib":
             return _unit(_vf.image_features(self.model, pixel_values, self.vision_act))
         with self._autocast():
@@ -385,7 +396,8 @@ class ClipEncoder:
 
     def encode_images_detailed(self, images: Sequence, batch_size: int = 32, progress: bool = True,
                                num_workers: int | None = None, on_error: str = "stop") -> ImageEncoding:
-        """Encode images in streamed batches, decoding the next batches in worker threads while the model runs.
+        """Encode images in streamed batches, decoding the next batches in worker threads while the model runs
+        (``num_workers``; default :func:`default_num_workers`: none on a CPU of at most 2 cores).
 
         At most ``num_workers + 1`` decoded batches are held at any time, so memory does not grow with N.
         ``on_error="skip"`` leaves undecodable images out and lists them in ``failures``; ``"stop"`` raises.
@@ -394,7 +406,8 @@ class ClipEncoder:
         check_choice(on_error, "on_error", ON_ERROR)
         images = list(images)
         n = len(images)
-        workers = default_num_workers(n) if num_workers is None else check_int(num_workers, "num_workers", 0)
+        workers = (default_num_workers(n, self.device) if num_workers is None
+                   else check_int(num_workers, "num_workers", 0))
         chunks = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
         parts: list[Tensor] = []
         indices: list[int] = []
@@ -665,9 +678,14 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def default_num_workers(n_images: int) -> int:
-    """Decoding threads: 1 for small jobs, 2 above 256 images (decoding then overlaps the model on ≥2 cores)."""
-    return 1 if n_images <= 256 or (os.cpu_count() or 1) < 2 else 2
+def default_num_workers(n_images: int, device: str | torch.device = "cpu") -> int:
+    """Decoding threads that overlap the model: none when the model runs on a CPU of at most 2 cores, where its
+    threads already use every core and a decoding thread only takes time from them (measured by ``make bench``
+    on 2 cores: serial 0-17% faster than one decoding thread; decoding is ~3% of a ViT-B/16's time); otherwise 1
+    for small jobs, 2 above 256 images."""
+    if torch.device(device).type == "cpu" and (os.cpu_count() or 1) <= 2:
+        return 0
+    return 1 if n_images <= 256 else 2
 
 
 # ---------------------------------------------------------------------------------------------------- deferred parts

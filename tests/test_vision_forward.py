@@ -1,4 +1,5 @@
-"""kplib's CPU float32 image forward computes what transformers' CLIP forward computes, and is chosen as documented."""
+"""kplib's CPU image forwards (float32, and bfloat16 opt-in) compute what transformers' CLIP forward computes, and are
+chosen as documented."""
 from __future__ import annotations
 
 import numpy as np
@@ -78,7 +79,8 @@ def test_wrong_activation_is_detected():
 def test_unsupported_reasons():
     assert vf.unsupported_reason("quick_gelu", "cpu", "float32") is None
     assert vf.unsupported_reason("gelu", torch.device("cpu"), "float32") is None
-    assert "bfloat16" in vf.unsupported_reason("quick_gelu", "cpu", "bfloat16")
+    assert vf.unsupported_reason("quick_gelu", "cpu", "bfloat16") is None
+    assert "float16" in vf.unsupported_reason("quick_gelu", "cpu", "float16")
     assert "cuda" in vf.unsupported_reason("quick_gelu", "cuda", "float32")
     assert "relu" in vf.unsupported_reason("relu", "cpu", "float32")
 
@@ -96,7 +98,9 @@ def test_encoder_chooses_the_forward_and_records_it():
     other = _encoder(model, vision_forward="transformers")
     assert other.fingerprint()["vision_forward"] == "transformers"
     assert other.fingerprint() != enc.fingerprint()          # separate cache namespaces
-    assert _encoder(model, dtype="bfloat16").vision_forward == "transformers"
+    bf = _encoder(model, dtype="bfloat16")
+    assert bf.vision_forward == "kplib" and bf.fingerprint()["vision_forward"] == vf.NAME_BF16
+    assert _encoder(model, dtype="bfloat16", vision_forward="transformers").fingerprint() != bf.fingerprint()
     assert "vision_forward='kplib'" in repr(enc)
 
     rng = np.random.default_rng(0)
@@ -108,8 +112,6 @@ def test_encoder_chooses_the_forward_and_records_it():
 
 
 def test_explicit_kplib_forward_refuses_what_it_cannot_serve():
-    with pytest.raises(KPLInputError, match="bfloat16"):
-        _encoder(_clip(), dtype="bfloat16", vision_forward="kplib")
     relu = _clip(act="relu")
     assert _encoder(relu).vision_forward == "transformers"   # auto: transformers' forward
     with pytest.raises(KPLInputError, match="relu"):
@@ -127,3 +129,52 @@ def test_a_model_of_another_shape_is_refused_by_name():
     with pytest.raises(KPLInputError, match=r"layers\[0\]\.mlp\.fc2.*vision_forward='transformers'"):
         _encoder(model)
     assert _encoder(model, vision_forward="transformers").vision_forward == "transformers"
+
+
+# ---------------------------------------------------------------------------------------------------- bfloat16
+@pytest.mark.parametrize("cfg,act", [(SMALL, "quick_gelu"), (SMALL, "gelu"), (VIT_B16, "quick_gelu")],
+                         ids=["small-quick_gelu", "small-gelu", "vit_b16-quick_gelu"])
+def test_bf16_features_are_closer_to_float32_than_autocast(cfg, act):
+    """The bfloat16 forward computes the same function in lower precision: every image's features point where the
+    float32 ones do, at least as closely as transformers' forward under autocast (the library's previous bf16 path),
+    and not bit for bit (bfloat16 really ran)."""
+    model = _tower(cfg, act)
+    pixels = torch.randn(5, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(3))
+    before = weights_digest(model)
+    ref = _reference(model, pixels)
+    got = vf.image_features_bf16(model, vf.bf16_weights(model), pixels, act)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = model(pixel_values=pixels).image_embeds.float()
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert not torch.equal(got, ref)
+    cos, cos_auto = F.cosine_similarity(got, ref), F.cosine_similarity(auto, ref)
+    # measured (max 1 - cos): 1.7e-6, 1.6e-6, 3.6e-5 here; autocast 6.3e-6, 9.1e-6, 3.5e-5
+    assert cos.min() > 0.999
+    assert (1 - cos).max() <= 1.5 * (1 - cos_auto).max()
+    assert weights_digest(model) == before
+
+
+def test_bf16_attention_groups_give_the_same_result(monkeypatch):
+    """Attention runs a few images at a time (so the scores stay in cache); the grouping changes nothing."""
+    model = _tower(SMALL, "quick_gelu")
+    weights = vf.bf16_weights(model)
+    pixels = torch.randn(5, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    whole = vf.image_features_bf16(model, weights, pixels)
+    monkeypatch.setattr(vf, "ATTENTION_SCORES_BYTES", 1)          # one image per group
+    torch.testing.assert_close(vf.image_features_bf16(model, weights, pixels), whole, rtol=0, atol=0)
+
+
+def test_bf16_encoder_uses_kplib_forward_and_casts_weights_once(monkeypatch):
+    model = _clip()
+    enc = _encoder(model, dtype="bfloat16")
+    casts = []
+    real = vf.bf16_weights
+    monkeypatch.setattr(vf, "bf16_weights", lambda m: casts.append(m) or real(m))
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(5)]
+    a = enc.encode_images(images, batch_size=2, progress=False)
+    assert len(casts) == 1                                        # three batches, one cast
+    b = _encoder(model).encode_images(images, batch_size=2, progress=False)
+    assert F.cosine_similarity(a, b).min() > 0.999
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(5))
