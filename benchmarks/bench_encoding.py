@@ -396,7 +396,7 @@ def measure_pipeline(cfg: dict, paths: list[Path], batch: int, repeats: int, dty
         "library encode_images, num_workers=1 (overlapped)":
             lambda: enc.encode_images(paths, batch_size=batch, progress=False, num_workers=1),
     }
-    default = default_num_workers(n, enc.device)
+    default = default_num_workers(n)
     times = {k: Timing() for k in runs}
     runs["model only (pre-decoded pixels)"]()
     for _ in range(repeats):
@@ -413,7 +413,7 @@ def measure_pipeline(cfg: dict, paths: list[Path], batch: int, repeats: int, dty
           f"{dec.wall / model_t.wall:.1%} of the model's time")
     serial = times["library encode_images, num_workers=0 (serial)"]
     print(f"  serial / overlapped throughput: ×{ov.wall / serial.wall:.2f} wall; the library's default here: "
-          f"num_workers={default} ({os.cpu_count()} CPUs, device {enc.device})")
+          f"num_workers={default} ({os.cpu_count()} CPUs)")
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ from kplib.encoders import (
     _unit,
     build_standin_model,
     checkpoint_files_digest,
-    default_num_workers,
     load_clip_tokenizer,
     load_encoder,
     weights_digest,
@@ -208,14 +207,6 @@ def test_batching_and_prefetch_do_not_change_results(standin):
     for bs, nw in [(1, 0), (3, 1), (2, 2)]:
         out = standin.encode_images(ims, batch_size=bs, progress=False, num_workers=nw)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("cores,device,n,expected", [(2, "cpu", 1000, 0), (1, "cpu", 10, 0), (2, "cuda", 10, 1),
-                                                      (2, "cuda", 1000, 2), (16, "cpu", 10, 1), (16, "cpu", 1000, 2)])
-def test_default_decoding_threads(monkeypatch, cores, device, n, expected):
-    """No decoding thread where the model's threads already fill a small CPU (measured slower there)."""
-    monkeypatch.setattr("kplib.encoders.os.cpu_count", lambda: cores)
-    assert default_num_workers(n, device) == expected
 
 
 def test_bounded_prefetch(standin, monkeypatch):
