@@ -227,6 +227,7 @@ class ClipEncoder:
         self.context_length = int(context_length)
         self.embed_dim = int(embed_dim)
         self.vision_act = str(vision_act)
+        self._bf16: list | None = None   # kplib's bfloat16 copies of the image tower's matrices, cast on first use
         self.vision_forward = vision_forward
         if isinstance(image_processor, Deferred):
             self._processor, self._processor_source = None, image_processor
@@ -263,7 +264,6 @@ class ClipEncoder:
         if resolved == "kplib" and self._model is not None:
             self._check_structure(self._model)
         self._vision_forward = resolved
-        self._bf16 = None     # kplib's bfloat16 copies of the image tower's matrices, cast on first use
 
     def _check_structure(self, model) -> None:
         try:
@@ -358,11 +358,11 @@ class ClipEncoder:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
 
     def _bf16_weights(self) -> list:
-        model = self.model
+        model = self.model                  # materialised (once) before the lock is taken
         with self._model_lock:
-            if self._bf16 is None or self._bf16[0] is not model:
-                self._bf16 = (model, _vf.bf16_weights(model))
-            return self._bf16[1]
+            if self._bf16 is None:
+                self._bf16 = _vf.bf16_weights(model)
+            return self._bf16
 
     # ------------------------------------------------------------------ images
     def preprocess(self, image) -> Tensor:
