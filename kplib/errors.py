@@ -1,7 +1,8 @@
-"""Exceptions and warnings raised by kplib.
+"""Exceptions and warnings raised by kplib, and the one way error messages spell a fix.
 
 Every error a user can cause derives from :class:`KPLError`; input problems are also ``ValueError`` so generic
-handlers keep working. Messages name the offending parameter, class or file and say what to do.
+handlers keep working. Messages name the offending parameter, class or file and say what to do — for command-line
+users as a flag and for Python users as an argument (:func:`fix`).
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ class KPLError(Exception):
 
 
 class KPLInputError(KPLError, ValueError):
-    """An argument (tensor, parameter, file) is invalid."""
+    """An argument (tensor, parameter, file, folder) is invalid."""
 
 
 class ImageDecodeError(KPLError):
-    """An image file could not be decoded into RGB."""
+    """An image file could not be decoded into RGB; ``path`` and ``reason`` say which and why."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
@@ -29,13 +30,23 @@ class KnowledgeBaseError(KPLInputError):
     """A knowledge base is missing, malformed or does not match the dataset."""
 
 
-class CacheError(KPLError):
-    """The embedding cache cannot be used (e.g. read-only or full directory)."""
-
-
 class LLMError(KPLError):
     """An LLM endpoint failed or answered with something unusable."""
 
 
 class StandInWarning(UserWarning):
     """Numbers come from the UNTRAINED stand-in encoder: they carry no meaning about CLIP or KPL."""
+
+
+class CacheError(KPLError):
+    """The embedding store cannot be used (e.g. read-only or full directory) and the caller asked to be told."""
+
+
+class CacheWarning(UserWarning):
+    """The embedding store is (partly) off; results are still computed, just not stored or reused."""
+
+
+def fix(cli: str | None = None, python: str | None = None) -> str:
+    """The fix for an error in both spellings: ``"(command line: --on-error skip; Python: on_error='skip')"``."""
+    parts = [f"command line: {cli}" if cli else "", f"Python: {python}" if python else ""]
+    return "(" + "; ".join(p for p in parts if p) + ")"

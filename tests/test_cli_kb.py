@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from kplib import cli_kb, knowledge as K
+from kplib import knowledge as K
+from kplib.cli import kb as cli_kb
 
 from test_knowledge import kb_dict, write
 from test_llm import GOOD, KEY, FakeServer, completion
@@ -108,7 +109,7 @@ def test_generate_requires_endpoint(capsys, tmp_path, monkeypatch):
 
 
 def test_list_standalone_module():
-    r = subprocess.run([sys.executable, "-m", "kplib.cli_kb", "kb", "list"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "kplib.cli.kb", "kb", "list"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     for name in K.list_curated():

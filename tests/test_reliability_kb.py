@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kplib.cli_kb import main as kb_main
+from kplib.cli.kb import main as kb_main
 from kplib.encoders import PromptTruncationWarning, load_encoder
 from kplib.errors import KnowledgeBaseError, KPLInputError, StandInWarning
 from kplib.experiment import embed_knowledge

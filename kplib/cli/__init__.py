@@ -25,8 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import KPLError, KPLInputError, StandInWarning
+from .. import __version__
+from ..errors import KPLError, KPLInputError, StandInWarning
 
 log = logging.getLogger("kplib")
 
@@ -69,7 +69,7 @@ STANDIN_BANNER = (
 
 # ------------------------------------------------------------------------------------------------ parser
 def _kplconfig_fields() -> list[dataclasses.Field]:
-    from .methods import KPLConfig
+    from ..methods import KPLConfig
 
     return [f for f in dataclasses.fields(KPLConfig) if f.name not in _CONFIG_SKIP]
 
@@ -161,14 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             choices = _CONFIG_CHOICES.get(f.name)
             if f.name == "transport":
-                from .methods import TRANSPORTS as choices
+                from ..methods import TRANSPORTS as choices
             cfg.add_argument(flag, dest=f"cfg_{f.name}", type={"int": int, "float": float, "str": str}[kind],
                              default=None, choices=choices, metavar=None if choices else kind.upper(),
                              help=helptext if f.default is None else f"{helptext} (default {f.default!r})")
     p.set_defaults(func=cmd_run)
 
     try:
-        from .cli_kb import add_kb_subparsers
+        from .kb import add_kb_subparsers
     except ImportError:  # pragma: no cover - the KB commands ship with kplib
         pass
     else:
@@ -187,8 +187,8 @@ def _kb_label(name: str, info) -> str:
 
 
 def cmd_datasets(args) -> int:
-    from . import config
-    from .data import DATASETS
+    from .. import config
+    from ..data import DATASETS
 
     try:
         root = config.data_root()
@@ -235,8 +235,8 @@ def _check_batch(args) -> None:
 
 
 def cmd_encode(args) -> int:
-    from .encoders import load_encoder
-    from .experiment import embed_dataset, resolve_dataset
+    from ..encoders import load_encoder
+    from ..experiment import embed_dataset, resolve_dataset
 
     _check_batch(args)
     dataset = resolve_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed)  # fail fast
@@ -270,10 +270,10 @@ def _config_overrides(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from .encoders import load_encoder
-    from .experiment import KPL_TEMPLATE, embed_dataset, embed_knowledge, provenance, resolve_dataset, resolve_kb
-    from .methods import KPLConfig, run_method
-    from .metrics import evaluate, results_table
+    from ..encoders import load_encoder
+    from ..experiment import KPL_TEMPLATE, embed_dataset, embed_knowledge, provenance, resolve_dataset, resolve_kb
+    from ..methods import KPLConfig, run_method
+    from ..metrics import evaluate, results_table
 
     if args.n_bootstrap < 0:
         raise KPLInputError(f"--n-bootstrap must be >= 0, got {args.n_bootstrap}")
@@ -431,8 +431,8 @@ def _setup_logging(verbosity: int) -> tuple:
     log.setLevel(level)
     log.propagate = False
     # kplib logs every warning it raises (stand-in, truncated prompts, cache off): show each once, as a log line
-    from .cache import CacheWarning
-    from .encoders import PromptTruncationWarning
+    from ..cache import CacheWarning
+    from ..encoders import PromptTruncationWarning
 
     for category in (StandInWarning, PromptTruncationWarning, CacheWarning):
         warnings.filterwarnings("ignore", category=category)

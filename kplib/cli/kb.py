@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import KPLError, KPLInputError
+from ..errors import KPLError, KPLInputError
 
 
 def _split_classes(text: str) -> list[str]:
@@ -23,7 +23,7 @@ def _split_classes(text: str) -> list[str]:
 
 def _dataset_info(name: str) -> tuple[list[str], list[str] | None, str | None]:
     """(class_names, display_names, modality) of a registered dataset (kplib.data)."""
-    from .knowledge import _resolve_dataset_classes
+    from ..knowledge import _resolve_dataset_classes
     return _resolve_dataset_classes(name)
 
 
@@ -36,7 +36,7 @@ def _class_list(args) -> list[str] | None:
 
 
 def _cmd_validate(args) -> int:
-    from .knowledge import load_kb, validate
+    from ..knowledge import load_kb, validate
     kb = load_kb(args.kb)
     class_names = _class_list(args)
     if class_names is None and kb.dataset and not args.no_dataset:
@@ -66,7 +66,7 @@ def _load_class_map(text: str | None) -> dict | None:
 
 
 def _cmd_import(args) -> int:
-    from .knowledge import import_descriptor_file, save_kb, validate
+    from ..knowledge import import_descriptor_file, save_kb, validate
     class_names = _split_classes(args.classes) if args.classes else None
     kb = import_descriptor_file(args.file, class_map=_load_class_map(args.class_map), dataset=args.dataset,
                                 class_names=class_names, subset=args.subset,
@@ -82,8 +82,8 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .knowledge import save_kb, validate
-    from .llm import LLMConfig, generate_kb
+    from ..knowledge import save_kb, validate
+    from ..llm import LLMConfig, generate_kb
     display = None
     modality = args.modality
     if args.classes:
@@ -110,7 +110,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from .knowledge import import_all_published, list_curated, load_kb
+    from ..knowledge import import_all_published, list_curated, load_kb
     names = list_curated()
     print(f"curated knowledge bases ({len(names)}):")
     for n in names:

@@ -1,0 +1,1 @@
+"""What only the book needs: chapter setup, figures, widgets and small analyses."""

@@ -1,0 +1,175 @@
+"""Parameter constraints, declared once next to the field they constrain, and the tensor checks of every stage.
+
+scikit-learn's ``validate_params`` (``Interval``, ``StrOptions``) is the model. A config dataclass declares each field
+with :func:`param`::
+
+    k: int = param(8, Interval(int, 1), "descriptions kept per class (top-K of stage 1)")
+
+and calls :func:`validate` in ``__post_init__``. The same declaration renders the error message ("k must be an
+integer >= 1, got 0"), and gives the command line its option type, choices and help text (``kplib.cli``), so a
+constraint is never written twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import KPLInputError
+
+__all__ = ["Interval", "Options", "Boolean", "param", "check", "validate", "check_matrix", "check_embeddings",
+           "check_descriptions", "check_marginal"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A real or integer value in an interval; ``None`` bounds are infinite. ``closed`` says which ends belong."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    closed: str = "both"  # "both" | "left" | "right" | "neither"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind is int and not isinstance(value, int) or not math.isfinite(value):
+            return False
+        lo_ok = self.lo is None or (value >= self.lo if self.closed in ("both", "left") else value > self.lo)
+        hi_ok = self.hi is None or (value <= self.hi if self.closed in ("both", "right") else value < self.hi)
+        return lo_ok and hi_ok
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.lo is not None and self.hi is None:
+            return f"{what} {'>=' if self.closed in ('both', 'left') else '>'} {self.lo}"
+        if self.hi is not None and self.lo is None:
+            return f"{what} {'<=' if self.closed in ('both', 'right') else '<'} {self.hi}"
+        if self.lo is None:
+            return what
+        left = "[" if self.closed in ("both", "left") else "("
+        right = "]" if self.closed in ("both", "right") else ")"
+        return f"{what} in {left}{self.lo}, {self.hi}{right}"
+
+    def parse(self, text: str):
+        """Command-line text → value (argparse ``type``)."""
+        return self.kind(text)
+
+
+class Options:
+    """One of a fixed set of values (strings)."""
+
+    def __init__(self, *values: str):
+        self.values = tuple(values)
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+class Boolean:
+    """True or False (not 0/1)."""
+
+    values = (True, False)
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def describe(self) -> str:
+        return "True or False"
+
+    def parse(self, text: str) -> bool:
+        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+
+
+def param(default: Any, constraint, help: str, *, none_ok: bool = False):
+    """A dataclass field carrying its ``constraint``, whether ``None`` is allowed, and its ``help`` text."""
+    return dataclasses.field(default=default, metadata={"constraint": constraint, "none_ok": none_ok, "help": help})
+
+
+def check(name: str, value: Any, constraint, none_ok: bool = False) -> Any:
+    """Return ``value`` if ``constraint`` accepts it (or it is None and ``none_ok``), else raise KPLInputError."""
+    if (value is None and none_ok) or constraint.accepts(value):
+        return value
+    alt = " or None" if none_ok else ""
+    raise KPLInputError(f"{name} must be {constraint.describe()}{alt}, got {value!r}")
+
+
+def validate(obj: Any) -> None:
+    """Check every field of dataclass ``obj`` declared with :func:`param`."""
+    for f in dataclasses.fields(obj):
+        if "constraint" in f.metadata:
+            check(f.name, getattr(obj, f.name), f.metadata["constraint"], f.metadata["none_ok"])
+
+
+# ----------------------------------------------------------------------------------------------- tensor checks
+def check_matrix(x: Any, name: str, cols: int | None = None) -> Tensor:
+    """A finite 2-D float tensor with at least one row (numpy arrays accepted; float32/float64 kept, else float32)."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise KPLInputError(f"{name} must be a tensor or array, got {type(x).__name__}") from exc
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise KPLInputError(f"{name} must be a non-empty 2-D matrix (rows × features), got shape {tuple(x.shape)}")
+    if cols is not None and x.shape[1] != cols:
+        raise KPLInputError(f"{name} has {x.shape[1]} columns, expected {cols} (embedding dimensions must match)")
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in x.reshape(-1).split(1 << 22))  # chunked: no N×d mask
+    if bad:
+        raise KPLInputError(f"{name} contains {bad} NaN/Inf value(s); clean or re-encode the input")
+    return x
+
+
+def check_embeddings(x: Any, name: str, dim: int | None = None) -> Tensor:
+    """Embeddings: a finite matrix with no all-zero row (a zero row has no direction and cannot be normalised)."""
+    x = check_matrix(x, name, cols=dim)
+    zero = (torch.linalg.vector_norm(x, dim=1) == 0).nonzero().flatten()
+    if zero.numel():
+        raise KPLInputError(f"{name} has {zero.numel()} all-zero row(s) (first: row {int(zero[0])}); every "
+                            "embedding needs a direction — re-encode those items")
+    return x
+
+
+def unit(x: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``, as the released code calls it)."""
+    return F.normalize(x, dim=-1)
+
+
+def check_descriptions(descs: Any, dim: int, class_names: Sequence[str] | None = None) -> list[Tensor]:
+    """Ragged per-class description embeddings: one non-empty (M_c, dim) matrix per class."""
+    if isinstance(descs, Tensor) and descs.ndim == 3:
+        descs = list(descs)
+    if not isinstance(descs, (list, tuple)) or not descs:
+        raise KPLInputError("description embeddings must be a non-empty list with one (M_c, d) tensor per class")
+    out = []
+    for c, d in enumerate(descs):
+        label = f"class {c}" + (f" ({class_names[c]!r})" if class_names is not None and c < len(class_names) else "")
+        if isinstance(d, Tensor) and (d.ndim != 2 or d.shape[0] == 0):
+            raise KPLInputError(f"{label} has no descriptions (shape {tuple(d.shape)}); every class needs at least "
+                                "one description in the knowledge base")
+        out.append(check_embeddings(d, f"description embeddings of {label}", dim=dim))
+    return out
+
+
+def check_marginal(q: Any, n: int, name: str = "class_marginal") -> Tensor:
+    """A strictly positive vector of ``n`` class shares, returned normalised to sum to 1."""
+    q = torch.as_tensor(q, dtype=torch.float64).flatten()
+    if q.numel() != n:
+        raise KPLInputError(f"{name} must have {n} entries (one per class), got {q.numel()}")
+    if not torch.isfinite(q).all() or (q <= 0).any():
+        zero = torch.nonzero(~(q > 0)).flatten().tolist()
+        raise KPLInputError(f"{name} must be finite and strictly positive (transport cannot send mass to a class "
+                            f"of share 0); class index(es) {zero} are not")
+    return q / q.sum()
