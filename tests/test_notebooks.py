@@ -6,7 +6,9 @@ Convention (every notebook in notebooks/):
   OUTPUT_DIR (the folder the notebook writes its artefacts to: results tables as CSV/JSON, figures);
 - markdown headings Overview, Prerequisites, Summary, What's next (and an Imports section);
 - ``%matplotlib inline`` in a code cell, so figures embed even when the environment sets MPLBACKEND=Agg;
-- committed without outputs (no outputs, execution_count null).
+- committed without outputs (no outputs, execution_count null);
+- code formatted by ruff at 88 columns (``make format``; notebooks/ruff.toml), cell tags that Jupyter Book knows;
+- no code repeated across chapters, kplib/ and benchmarks/ (``duplicates``, via tools/repeated_code.py).
 
 ``EXPECTATIONS`` below says, per notebook, which small parameters the test passes and what it checks afterwards.
 A notebook without an entry fails ``test_every_notebook_has_expectations``: add one when adding a notebook.
@@ -16,6 +18,9 @@ from __future__ import annotations
 import ast
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +33,16 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 REQUIRED_PARAMETERS = ("MODEL", "LIMIT_PER_CLASS", "SEED", "OUTPUT_DIR")
 REQUIRED_HEADINGS = ("Overview", "Prerequisites", "Summary", "What's next")
+# Cell tags myst-nb / Jupyter Book / papermill act on; another tag (a typo: "hide_input") silently does nothing.
+KNOWN_TAGS = frozenset({
+    "parameters", "injected-parameters", "remove-cell", "remove-input", "remove-output", "remove-stderr",
+    "remove-stdout", "hide-cell", "hide-input", "hide-output", "raises-exception", "skip-execution", "scroll-output",
+    "scroll-input", "output_scroll", "full-width", "margin", "thebe-init",
+})
+LINE_LENGTH = 88
+RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+sys.path.insert(0, str(REPO / "tools"))
+import repeated_code  # noqa: E402  (tools/ is a folder of scripts)
 # Parameters every notebook receives in the test: the untrained stand-in, few images, a fixed seed.
 COMMON_PARAMETERS = {"MODEL": "standin", "LIMIT_PER_CLASS": 8, "SEED": 0}
 
@@ -174,6 +189,64 @@ def test_parameters_cell(nb_path):
     extra = EXPECTATIONS.get(nb_path.name, {}).get("parameters", {})
     unknown = [p for p in extra if p not in names]
     assert not unknown, f"EXPECTATIONS passes {unknown} but {nb_path.name}'s parameters cell does not define them"
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=_ids)
+def test_cell_tags_are_known(nb_path):
+    for i, cell in enumerate(_cells(nb_path)):
+        unknown = set(cell.get("metadata", {}).get("tags", [])) - KNOWN_TAGS
+        assert not unknown, f"{nb_path.name} cell {i + 1}: unknown tag(s) {sorted(unknown)}: use {sorted(KNOWN_TAGS)}"
+
+
+def _ruff_format_check(folder: Path) -> subprocess.CompletedProcess:
+    assert RUFF, "ruff is not installed: make venv (requirements.txt pins it)"
+    return subprocess.run(
+        [RUFF, "format", "--check", "--line-length", str(LINE_LENGTH), "--output-format", "concise", str(folder)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+
+
+def test_notebook_code_is_ruff_formatted():
+    proc = _ruff_format_check(NOTEBOOK_DIR)
+    assert proc.returncode == 0, f"notebook code is not ruff-formatted: run `make format`\n{proc.stdout}{proc.stderr}"
+
+
+def test_ruff_format_check_reads_notebooks(tmp_path):
+    """The check above can fail: a notebook with a badly formatted cell is reported, and `ruff format` fixes it."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("%matplotlib inline\nx=[1,2 ,3]")]
+    nbformat.write(nb, tmp_path / "bad.ipynb")
+    proc = _ruff_format_check(tmp_path)
+    assert proc.returncode == 1 and "bad.ipynb" in proc.stdout, proc.stdout + proc.stderr
+    subprocess.run([RUFF, "format", "--line-length", str(LINE_LENGTH), str(tmp_path)], check=True, capture_output=True)
+    assert _ruff_format_check(tmp_path).returncode == 0
+    assert nbformat.read(tmp_path / "bad.ipynb", as_version=4).cells[1].source == "%matplotlib inline\nx = [1, 2, 3]"
+
+
+_needs_duplicates = pytest.mark.skipif(shutil.which("duplicates") is None, reason="the `duplicates` command is absent")
+
+
+@_needs_duplicates
+def test_no_code_repeated_across_notebooks_kplib_and_benchmarks():
+    result = repeated_code.find_repeated_code(REPO)
+    assert result.ok, ("`duplicates` finds repeated code (rows name notebook scripts; `make duplicates` writes them "
+                       f"to _build/scripts/notebooks):\n{result.report}")
+
+
+@_needs_duplicates
+def test_repeated_code_check_catches_a_repeated_prelude(tmp_path):
+    prelude = "\n".join(f"value_{i} = compute_{i}(OUTPUT_DIR, seed={i})" for i in range(8))
+    (tmp_path / "notebooks").mkdir()
+    for name in ("a", "b"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_markdown_cell(f"# {name}"), nbformat.v4.new_code_cell(prelude)]
+        nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
+    (tmp_path / "kplib").mkdir()
+    (tmp_path / "kplib" / "mod.py").write_text("def f(x):\n    return x + 1\n")
+    result = repeated_code.find_repeated_code(tmp_path)
+    assert not result.ok and "notebooks/a.py" in result.report and "notebooks/b.py" in result.report, result.report
+    (tmp_path / "notebooks" / "b.ipynb").unlink()
+    assert repeated_code.find_repeated_code(tmp_path).ok
 
 
 def test_every_notebook_has_expectations():
