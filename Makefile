@@ -59,7 +59,7 @@ browser-deps:
 test: $(STAMP) browser-deps $(MATHJAX_STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q -ra --durations=15
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(MATHJAX_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q -m "not slow"
 
 # Re-uses what it can: Sphinx's environment (_build/.doctrees) and the executed notebooks (jupyter-cache in
