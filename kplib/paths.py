@@ -37,7 +37,7 @@ def _folder(var: str, default: str | None, what: str, required: bool = True) -> 
     if not required:
         return None
     where = f"${var}={value!r} is not a folder" if value else (f"the default {path} does not exist" if path else
-                                                              f"no default outside a source checkout")
+                                                              "no default outside a source checkout")
     raise KPLInputError(f"{what} folder not found ({where}). Set the environment variable {var} to the folder "
                         "that holds it.")
 
