@@ -1,8 +1,10 @@
-"""Generators of messy image folders for the reliability suite (everything is written under a given tmp folder).
+"""Generators of messy image folders and DICOM files for the tests (everything is written under a given tmp folder).
 
 :func:`messy_dataset` builds ``ROOT/val/<class>/...`` with good files in every class plus every awkward case of
 issue 7; it returns, per file, what must happen to it: an expected decoded RGB (checked at named pixels) or the
-reason (regex) it must be reported with.
+reason (regex) it must be reported with. :func:`dicom_bytes` writes DICOM files with pydicom, with a patient name and
+ID (:data:`SECRETS`) that must never appear in any output. :func:`tree_state` snapshots a folder to prove that
+nothing was written into it.
 """
 from __future__ import annotations
 
@@ -183,3 +185,77 @@ def small_kb(path: Path, class_names=CLASSES, n_desc: int = 3) -> Path:
           "classes": classes}
     path.write_text(json.dumps(kb, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+#: Header values written into every test DICOM file; no message, log, cache or output may contain them.
+SECRETS = ("Doe^Jane", "KPL-SECRET-123", "Springfield General")
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None, *,
+                compress: str | None = None, preamble: bool = True, pixel_data: bool = True, **attrs) -> bytes:
+    """A DICOM file (bytes) holding ``pixels`` ((rows, cols), (rows, cols, 3) or with a leading frame axis), with the
+    patient name/ID of :data:`SECRETS` and any extra attributes (``WindowCenter=...``, ``RescaleSlope=...``).
+    ``compress``: a transfer syntax UID to encode with (pydicom encodes RLE Lossless itself). ``preamble=False``
+    writes a raw data set without the 128-byte preamble and ``DICM`` marker (old exports)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.InstitutionName = SECRETS
+    ds.PatientBirthDate = "19700101"
+    ds.Modality = "OT"
+    bits = bits_stored or (8 if pixels.dtype.itemsize == 1 else 16)
+    ds.set_pixel_data(pixels, photometric, bits)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    if compress is not None:
+        ds.compress(compress)
+    if not pixel_data:
+        del ds.PixelData
+    buf = io.BytesIO()
+    if preamble:
+        ds.save_as(buf, enforce_file_format=True)
+    else:
+        del ds.file_meta
+        ds.save_as(buf, implicit_vr=True, little_endian=True)
+    return buf.getvalue()
+
+
+def assert_no_secrets(*texts: str) -> None:
+    """None of the DICOM header values of :data:`SECRETS` (nor the surname) appears in any of ``texts``."""
+    for text in texts:
+        for secret in (*SECRETS, "Doe", "SECRET", "19700101"):
+            assert secret not in text, f"DICOM header value {secret!r} leaked into: {text[:300]!r}"
+
+
+def non_utf8_name(stem: bytes = b"caf\xe9", suffix: str = ".png") -> str:
+    """A file name whose bytes are not valid UTF-8 (Latin-1 'café'), as Python holds it (surrogate escapes)."""
+    return os.fsdecode(stem) + suffix
+
+
+def kpl_data(capsys, *argv) -> tuple[int, str, str]:
+    """``kpl <argv>`` for the ``datasets`` and ``audit`` commands, through a parser holding only them, run as
+    ``kplib.cli.main`` runs a command (a KPLError prints one line and gives exit code 2): (code, stdout, stderr)."""
+    import argparse
+    import sys
+
+    from kplib.cli.data import register
+    from kplib.errors import KPLError
+
+    parser = argparse.ArgumentParser(prog="kpl")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    try:
+        code = args.func(args)
+    except KPLError as exc:
+        print(f"kpl: error: {exc}", file=sys.stderr)
+        code = 2
+    out, err = capsys.readouterr()
+    return code, out, err

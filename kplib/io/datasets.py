@@ -1,0 +1,448 @@
+"""Image folders as datasets, and the registry of the project's datasets (``datasets.json``).
+
+**Labelled layout** (the paper's ``ImageFolder``): ``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``;
+class ``c`` is ``class_names[c]``, the sorted folder names. Only files directly inside a class folder count; images
+deeper down or loose beside the class folders are left out with a warning (``kpl audit`` lists them).
+
+**Unlabelled layout** (what zero-shot is for): every image under ``ROOT`` at any depth, no labels, the classes from
+the caller (a knowledge base or ``--classes``). The layout is never guessed: a folder is unlabelled only when asked,
+with ``labelled=False`` (``--unlabelled``) or ``classes=[...]`` (``--classes a,b``); otherwise it needs class folders
+and loose images alone are an error naming both fixes. A labelled folder can never silently lose its labels.
+
+**Images** are files named with an :data:`~kplib.io.images.IMAGE_EXTENSIONS` extension (any case) and files of any
+other name with the DICOM marker (``DICM`` at byte 128: exports named by UID). Other and hidden (``.name``) files and
+folders are ignored. Listing never writes and never hangs: class folders are read at a fixed depth, unlabelled
+folders without following folder links.
+
+**Guards**: class folders that are one folder (a symbolic-link alias) would count each image under two labels: refused
+unless ``allow_aliases=True``. An empty class folder is an error unless ``skip_empty=True`` drops it with a warning.
+File names that are not valid UTF-8 are read as usual (Python keeps the bytes as lone surrogates);
+:func:`display_path` gives their printable, reversible form, used in predictions files.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import paths
+from ..errors import ImageDecodeError, KPLInputError, fix
+from .dicom import is_dicom
+from .images import IMAGE_EXTENSIONS
+
+log = logging.getLogger("kplib")
+REGISTRY_FILE = Path(__file__).with_name("datasets.json")
+_ESCAPED = re.compile("[\\\\\x00-\x1f\x7f\udc80-\udcff]")  # backslash, control characters, undecodable bytes
+
+
+def _escape(m: re.Match) -> str:
+    code = ord(m.group())
+    return "\\\\" if code == 92 else f"\\x{code - 0xDC00 if code > 0xFF else code:02x}"
+
+
+def display_path(path, root=None) -> str:
+    """The printable form of ``path``, relative to ``root`` when inside it, with ``/`` separators.
+
+    Escaped so that any name round-trips (:func:`parse_display_path`): a byte that is not valid UTF-8 (kept by Python
+    as the lone surrogate U+DCNN) and a control character become ``\\xNN``, a backslash ``\\\\``; all else is kept.
+    """
+    text = os.fspath(path)
+    if root is not None:
+        rel = os.path.relpath(text, root)
+        text = text if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+    return _ESCAPED.sub(_escape, text.replace(os.sep, "/"))
+
+
+def parse_display_path(text: str, root=None) -> Path:
+    """Inverse of :func:`display_path`: the path (joined to ``root`` when given) with its original bytes."""
+    name = re.sub(r"\\(\\|x[0-9a-fA-F]{2})", lambda m: "\\" if m.group(1) == "\\" else chr(
+        (code := int(m.group(1)[1:], 16)) + (0xDC00 if code >= 0x80 else 0)), text)
+    return Path(root) / name if root is not None else Path(name)
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (:data:`~kplib.io.images.IMAGE_EXTENSIONS`)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: not a folder we can use
+        return False
+
+
+def is_image_entry(entry: os.DirEntry) -> bool:
+    """An image by name (not a folder), or a regular file of another name with the DICOM marker."""
+    if is_image_name(entry.name):
+        return not _is_dir(entry)  # a link loop named like an image is listed: reading it reports the loop
+    try:
+        if not entry.is_file() or entry.stat().st_size < 132:
+            return False
+        with open(entry.path, "rb") as fh:
+            return is_dicom(fh.read(132))
+    except OSError:
+        return False
+
+
+def visible_entries(folder: Path) -> list[os.DirEntry]:
+    """Entries of ``folder`` without hidden ones, sorted by name; a folder that cannot be listed is an error."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise KPLInputError(f"cannot list folder {display_path(folder)}: {exc.strerror or exc}") from None
+
+
+def _has_images(folder: Path) -> bool:
+    with contextlib.suppress(KPLInputError):
+        return any(is_image_entry(e) for e in visible_entries(folder))
+    return False
+
+
+# ------------------------------------------------------------------------------------------------ the dataset
+@dataclass
+class ImageFolder:
+    """The images of one folder; ``labels`` (N,) int64 index ``class_names``, or ``None`` for unlabelled images."""
+
+    root: Path
+    class_names: list[str]
+    display_names: list[str]
+    paths: list[Path]
+    labels: Tensor | None
+    name: str = ""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    split: str | None = None
+    limit_per_class: int | None = None
+    seed: int = 0
+    dropped_classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class in class order (empty for unlabelled images)."""
+        if self.labels is None:
+            return {}
+        return dict(zip(self.class_names, torch.bincount(self.labels, minlength=self.num_classes).tolist()))
+
+    def subset(self, indices: Sequence[int] | Tensor) -> ImageFolder:
+        """The same folder with only the given images (class list unchanged)."""
+        idx = torch.as_tensor(indices.tolist() if isinstance(indices, Tensor) else list(indices), dtype=torch.long)
+        labels = None if self.labels is None else self.labels[idx].clone()
+        return replace(self, paths=[self.paths[i] for i in idx.tolist()], labels=labels)
+
+    def without(self, bad: Sequence[tuple[Path, str]], skip_empty: bool = False) -> ImageFolder:
+        """The folder without the ``bad`` (path, reason) files, which join ``skipped`` (each file once).
+
+        A class left without images is an error naming it, unless ``skip_empty`` drops it with a warning.
+        """
+        reasons = {Path(p): r for p, r in bad}
+        out = self.subset([i for i, p in enumerate(self.paths) if p not in reasons])
+        known = {p for p, _ in self.skipped}
+        out.skipped = [*self.skipped, *((p, r) for p, r in reasons.items() if p not in known)]
+        empty = [c for c, n in out.counts().items() if n == 0]
+        if not empty:
+            return out
+        if not skip_empty:
+            raise KPLInputError(f"no readable image left in class(es) {empty} of {display_path(self.root)} after "
+                                f"leaving out unreadable files:\n{out.skipped_summary()}\nFix the files, or drop the "
+                                f"classes {fix(cli='--skip-empty-classes', python='skip_empty=True')}")
+        log.warning("dropped class(es) %s of %s: no readable images", empty, display_path(self.root))
+        keep = [c for c, name in enumerate(self.class_names) if name not in empty]
+        _check_classes([self.class_names[c] for c in keep], self.root, labelled=True)
+        return replace(out, class_names=[self.class_names[c] for c in keep], dropped_classes=[
+            *self.dropped_classes, *empty], display_names=[self.display_names[c] for c in keep],
+                       labels=torch.tensor([keep.index(y) for y in out.labels.tolist()], dtype=torch.long))
+
+    def skipped_summary(self, max_files: int | None = 20) -> str:
+        """Each skipped file once, with its full path and reason."""
+        shown = self.skipped[:max_files]
+        more = [f"  ... and {len(self.skipped) - len(shown)} more"] * (len(shown) < len(self.skipped))
+        lines = [f"skipped {len(self.skipped)} unreadable image(s):", *(f"  {display_path(p)}: {r}" for p, r in shown)]
+        return "\n".join(lines + more) if self.skipped else "no image skipped"
+
+    def describe(self) -> dict:
+        """A JSON-ready summary (paths in :func:`display_path` form) for tables and provenance."""
+        return {
+            "name": self.name, "root": display_path(self.root), "split": self.split,
+            "layout": "class folders" if self.labelled else "unlabelled", "n_images": len(self),
+            "n_classes": self.num_classes, "class_names": [display_path(c) for c in self.class_names],
+            "display_names": [display_path(d) for d in self.display_names],
+            "counts": {display_path(c): n for c, n in self.counts().items()},
+            "limit_per_class": self.limit_per_class, "seed": self.seed, "dropped_classes": list(self.dropped_classes),
+            "skipped": [[display_path(p), r] for p, r in self.skipped],
+        }
+
+
+def unreadable_error(bad: Sequence[tuple[Path, str]], n_checked: int) -> ImageDecodeError:
+    """One error for all unreadable files: each with its full path and reason (20 at most), and the fix."""
+    also = "; ".join(f"{display_path(p)}: {r}" for p, r in bad[1:20]) + " ..." * (len(bad) > 20)
+    tail = f" — {len(bad)} of {n_checked} images cannot be read; also {also}" if len(bad) > 1 else ""
+    err = ImageDecodeError(bad[0][0], f"{bad[0][1]}{tail}. Fix or remove the file(s), or leave them out "
+                                      f"{fix(cli='--on-error skip', python='on_error=' + repr('skip'))}")
+    err.bad = list(bad)
+    return err
+
+
+# ------------------------------------------------------------------------------------------------ listing
+def _check_classes(class_names: list[str], folder: Path, labelled: bool) -> None:
+    if labelled and len(class_names) < 2:
+        raise KPLInputError(f"{folder} has only {len(class_names)} class folder(s) {class_names}; classification "
+                            "needs at least 2 classes (is the path a class folder instead of the dataset folder?)")
+
+
+def _display_list(class_names: list[str], display_names, folder: Path) -> list[str]:
+    if isinstance(display_names, Mapping):
+        unknown = sorted(set(display_names) - set(class_names))
+        if unknown:
+            raise KPLInputError(f"display_names has keys that are not classes of {display_path(folder)}: {unknown}; "
+                                f"the classes are {class_names}")
+        display_names = [display_names.get(c, c) for c in class_names]
+    out = [str(d) for d in (class_names if display_names is None else display_names)]
+    if len(out) != len(class_names):
+        raise KPLInputError(f"display_names has {len(out)} entries but {display_path(folder)} has {len(class_names)} "
+                            f"classes {class_names}; give one per class in sorted order, or a dict folder -> name")
+    for c, d in zip(class_names, out):
+        if not d.strip():
+            raise KPLInputError(f"display_names gives an empty name for class {c!r}")
+    return out
+
+
+def _resolve_split(root: Path, split: str | None) -> tuple[Path, str | None]:
+    """The folder holding the class folders: ``root/split``, or found (``ROOT/<class>`` or one ``ROOT/<split>``)."""
+    if split is not None:
+        folder = root / split
+        if not folder.is_dir():
+            found = [e.name for e in visible_entries(root) if _is_dir(e)]
+            raise KPLInputError(f"split folder {folder} not found (split={split!r}); sub-folders of {root}: "
+                                f"{found[:10]}. Leave the split out for ROOT/<class>/<image> or to find a single split "
+                                f"{fix(cli='no --split', python='split=None')}")
+        return folder, split
+    subdirs = [e for e in visible_entries(root) if _is_dir(e)]
+    splits = [e for e in subdirs if any(_is_dir(s) and _has_images(Path(s.path)) for s in visible_entries(e.path))]
+    if not subdirs or (any(_has_images(Path(e.path)) for e in subdirs) and not (len(subdirs) == 1 and splits)):
+        return root, None  # ROOT/<class>/<image>; a lone sub-folder holding image folders is a split
+    if len(splits) > 1:
+        raise KPLInputError(f"{root} holds several splits {[e.name for e in splits]}; choose one "
+                            f"{fix(cli='--split NAME', python='split=NAME')}")
+    return (Path(splits[0].path), splits[0].name) if splits else (root, None)
+
+
+def class_folder_aliases(folders: Sequence[Path]) -> list[list[Path]]:
+    """Groups of folders that resolve to the same place (same device and inode): symbolic-link aliases."""
+    seen: dict[tuple[int, int], list[Path]] = {}
+    for f in folders:
+        with contextlib.suppress(OSError):
+            st = os.stat(f)
+            seen.setdefault((st.st_dev, st.st_ino), []).append(Path(f))
+    return [g for g in seen.values() if len(g) > 1]
+
+
+def _class_entries(folder: Path, allow_aliases: bool) -> list[os.DirEntry]:
+    """The class folders of ``folder``; aliases (two names, one folder) refused unless allowed."""
+    entries, loose = [], 0
+    for e in visible_entries(folder):
+        if _is_dir(e):
+            entries.append(e)
+        elif is_image_entry(e):
+            loose += 1
+    if loose and entries:
+        log.warning("%d image file(s) lie directly in %s, outside any class folder: not used", loose,
+                    display_path(folder))
+    for group in class_folder_aliases([Path(e.path) for e in entries]):
+        text = f"class folders {' and '.join(map(display_path, group))} are the same folder (a symbolic-link alias)"
+        if not allow_aliases:
+            raise KPLInputError(f"{text}: every image in it would count under {len(group)} labels. Remove the alias, "
+                                f"or use it anyway {fix(cli='--allow-aliases', python='allow_aliases=True')}")
+        log.warning("%s: its images count under %d labels", text, len(group))
+    if not entries:
+        hint = fix(cli="--unlabelled or --classes a,b", python="labelled=False or classes=[...]")
+        raise KPLInputError(f"no class folders in {display_path(folder)} (expected <folder>/<class>/<image>)"
+                            + (f"; it has images: if they are unlabelled, say so {hint}" if loose else ""))
+    return entries
+
+
+def _sample(files: list[Path], limit: int | None, seed: int) -> list[Path]:
+    """The shared data's rule: ``random.Random(seed).sample(sorted(files), k)``, then sorted."""
+    if limit is None or len(files) <= limit:
+        return files
+    return sorted(random.Random(seed).sample(files, int(limit)))
+
+
+def _labelled(folder: Path, limit, seed, skip_empty, allow_aliases) -> tuple[list[str], list[list[Path]]]:
+    """(every class folder's name, its files); empty folders are an error, or kept with no files if skipped."""
+    names, files, empty = [], [], []
+    for e in _class_entries(folder, allow_aliases):
+        inside = visible_entries(Path(e.path))
+        found = [Path(f.path) for f in inside if is_image_entry(f)]
+        n_dirs = sum(_is_dir(f) for f in inside)
+        n_other = len(inside) - len(found) - n_dirs
+        if n_dirs:
+            log.warning("class folder %s has %d sub-folder(s); images in them are not used", display_path(e.path),
+                        n_dirs)
+        names.append(e.name)
+        files.append(_sample(found, limit, seed))
+        if not found:
+            has = " and ".join([f"{n_other} non-image file(s)"] * bool(n_other)
+                               + [f"{n_dirs} sub-folder(s), not searched"] * bool(n_dirs))
+            empty.append(f"class folder {display_path(e.path)} has no image files" + f" (it has {has})" * bool(has))
+    if empty and not skip_empty:
+        raise KPLInputError(f"{'; '.join(empty)}. Every class needs images directly inside its folder; add images, "
+                            f"or drop the empty class(es) {fix(cli='--skip-empty-classes', python='skip_empty=True')}")
+    for text in empty:
+        log.warning("dropped: %s", text)
+    return names, files
+
+
+def _unlabelled_files(folder) -> list[Path]:
+    """Every image under ``folder`` at any depth, sorted by path; folder links are not followed (no loops)."""
+    found = []
+    for e in visible_entries(folder):
+        if e.is_dir(follow_symlinks=False):
+            found += _unlabelled_files(e.path)
+        elif is_image_entry(e):
+            found.append(Path(e.path))
+    return found
+
+
+def load_folder(root, split: str | None = None, display_names=None, limit_per_class: int | None = None,
+                seed: int = 0, classes: Sequence[str] | None = None, skip_empty: bool = False,
+                allow_aliases: bool = False, labelled: bool | None = None, name: str | None = None) -> ImageFolder:
+    """List an image folder as a dataset (module docstring: layouts, which files are images, guards).
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset folder.
+    split : str, optional
+        Sub-folder holding the class folders (e.g. ``"val"``); ``None`` finds ``ROOT/<class>`` or a single split.
+    display_names : dict or list, optional
+        Names used in prompts: dict class -> name (others keep their name), or a list in class order.
+    limit_per_class : int, optional
+        A seeded subset of at most this many images per class: ``random.Random(seed).sample`` of the sorted files,
+        then sorted (the shared data's rule); for unlabelled images, of the whole folder.
+    classes : list of str, optional
+        Read the folder as **unlabelled** images of these classes.
+    skip_empty, allow_aliases : bool
+        Drop empty class folders, accept aliased class folders (each with a warning) instead of failing.
+    labelled : bool, optional
+        ``False``: unlabelled (classes from ``classes``, or later from a knowledge base); ``True``: class folders
+        required; ``None``: unlabelled exactly when ``classes`` is given.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise KPLInputError(f"dataset folder {root} does not exist or is not a folder")
+    if limit_per_class is not None and (isinstance(limit_per_class, bool) or not isinstance(limit_per_class, (
+            int, np.integer)) or limit_per_class < 1):
+        raise KPLInputError(f"limit_per_class must be a positive integer or None, got {limit_per_class!r}")
+    labelled = classes is None if labelled is None else labelled
+    if labelled and classes is not None:
+        raise KPLInputError("classes= names the classes of unlabelled images; a labelled folder takes its classes "
+                            f"from its class folders {fix(cli='--classes without --labelled', python='labelled=None')}")
+    common = {"root": root, "name": name or root.name, "seed": seed,
+              "limit_per_class": None if limit_per_class is None else int(limit_per_class)}
+    if not labelled:
+        folder = _resolve_split(root, split)[0] if split is not None else root
+        names = [str(c) for c in classes or []]
+        if len(set(names)) != len(names) or any(not c.strip() for c in names) or len(names) == 1:
+            raise KPLInputError(f"classes must be at least 2 distinct non-empty names, got {names}")
+        files = _sample(_unlabelled_files(folder), limit_per_class, seed)
+        if not files:
+            raise KPLInputError(f"no image files found under {folder}")
+        return ImageFolder(class_names=names, display_names=_display_list(names, display_names, folder),
+                           paths=files, labels=None, split=split, **common)
+    folder, split = _resolve_split(root, split)
+    all_names, all_files = _labelled(folder, limit_per_class, seed, skip_empty, allow_aliases)
+    displays = dict(zip(all_names, _display_list(all_names, display_names, folder)))
+    names = [c for c, f in zip(all_names, all_files) if f]
+    _check_classes(names, folder, labelled=True)
+    files = [f for f in all_files if f]
+    labels = torch.tensor([c for c, group in enumerate(files) for _ in group], dtype=torch.long)
+    return ImageFolder(class_names=names, display_names=[displays[c] for c in names], labels=labels, split=split,
+                       paths=[p for group in files for p in group], **common,
+                       dropped_classes=[c for c, f in zip(all_names, all_files) if not f])
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset of the shared data folder (``datasets.json``): where it lives, how it relates to the paper."""
+
+    name: str
+    folder: str                          # under kplib.paths.data_root()
+    split: str
+    display_names: dict[str, str]        # folder -> name used in prompts (empty: read display_names_file)
+    modality: str
+    paper_dataset: str                   # the KPL paper's dataset, or what this substitutes for
+    kb: str | None                       # curated knowledge base (kplib/io/kbs/<kb>.json), or None
+    citation: str
+    display_names_file: str | None = None   # JSON folder -> name inside the dataset folder
+    published_descriptors: str | None = None  # file under kplib.paths.descriptors_root() that fits this task
+
+    def resolve_display_names(self, folder: Path) -> dict[str, str]:
+        """Folder -> prompt name: the registry's, or the JSON object ``display_names_file`` in the dataset folder."""
+        if self.display_names_file is None:
+            return dict(self.display_names)
+        file = folder / self.display_names_file
+        try:
+            return {str(k): str(v) for k, v in json.loads(file.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise KPLInputError(f"cannot read the class names of dataset {self.name!r} from {file} (a JSON object "
+                                f"folder -> class name): {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def _registry() -> dict[str, DatasetInfo]:
+    raw = json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
+    return {name: DatasetInfo(name=name, **entry) for name, entry in raw.items()}
+
+
+def registry() -> dict[str, DatasetInfo]:
+    """The registered datasets (``kplib/io/datasets.json``), by name."""
+    return dict(_registry())
+
+
+def load_dataset(name_or_folder, **options) -> ImageFolder:
+    """A registered dataset (under ``$KPL_DATA_ROOT``, with its display names and split) or any image folder.
+
+    ``options`` are those of :func:`load_folder`. A registered name wins over a folder of the same name in the
+    working directory; write ``./name`` for the folder.
+    """
+    if isinstance(name_or_folder, ImageFolder):
+        return name_or_folder
+    text = os.fspath(name_or_folder)
+    info = _registry().get(text)
+    if info is None:
+        if Path(text).expanduser().is_dir():
+            return load_folder(text, **options)
+        raise KPLInputError(f"dataset {text!r} is neither a registered dataset ({sorted(_registry())}) nor an existing "
+                            "folder (<folder>/<class>/<image>, <folder>/<split>/<class>/<image>, or unlabelled images)")
+    folder = paths.data_root() / info.folder
+    if not folder.is_dir():
+        raise KPLInputError(f"dataset {text!r} not found: {folder} does not exist. Put it there or set KPL_DATA_ROOT "
+                            f"to the folder that holds {info.folder}/{info.split}/<class>/<image>")
+    for key, value in (("split", info.split), ("name", info.name)):
+        options[key] = options.get(key) or value
+    if options.get("display_names") is None:
+        options["display_names"] = info.resolve_display_names(folder)
+    return load_folder(folder, **options)
