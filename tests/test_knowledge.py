@@ -1,13 +1,19 @@
-"""Tests of kplib.knowledge: schema I/O, strict loading, select/merge, validation, importers."""
+"""Tests of kplib.io.knowledge (schema I/O, strict loading, select/merge, validation, generic knowledge) and
+kplib.io.descriptors (importers of the files people write and of the published descriptor files)."""
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
+import logging
+import os
+import stat
 
 import pytest
 
-from kplib import config, knowledge as K
-from kplib.errors import KnowledgeBaseError
+from kplib import paths
+from kplib.errors import KnowledgeBaseError, KPLInputError
+from kplib.io import descriptors as D
+from kplib.io import knowledge as K
 
 
 def kb_dict(classes=None, **over):
@@ -123,14 +129,14 @@ def test_unknown_curated_name_lists_available():
         assert n in str(e.value)
 
 
-# ------------------------------------------------------------------ curated KBs shipped in kplib/kbs
+# ------------------------------------------------------------------ curated KBs shipped in kplib/io/kbs
 @pytest.mark.parametrize("name", K.list_curated())
 def test_curated_kbs_load_and_validate_against_their_dataset(name):
     kb = K.curated_kb(name)
-    assert kb.method == "curated" and kb.dataset == name and kb.origin == f"kplib/kbs/{name}.json"
-    folder = config.data_root() / name / "val"
+    assert kb.method == "curated" and kb.dataset == name and kb.origin == f"kplib/io/kbs/{name}.json"
+    folder = paths.data_root() / name / "val"
     if not folder.is_dir():
-        pytest.skip(f"no images for {name} under {config.data_root()}")
+        pytest.skip(f"no images for {name} under {paths.data_root()}")
     class_names = sorted(p.name for p in folder.iterdir() if p.is_dir())
     report = K.validate(kb, class_names=class_names)
     assert report.ok, report.to_text()
@@ -288,7 +294,7 @@ def put(root, name, obj):
 def test_import_plain_map_with_provenance_and_cleaning(desc_root):
     p = put(desc_root, "plain.json", {"Normal": ["clear lungs", " clear lungs ", "", "sharp angles"],
                                        "TB": ["cavities"]})
-    kb = K.import_descriptor_file(p)
+    kb = D.import_descriptors(p)
     assert kb.method == "imported" and kb.class_names == ["Normal", "TB"]
     assert kb.get("Normal").texts == ["clear lungs", "sharp angles"]
     s = kb.source
@@ -302,14 +308,14 @@ def test_import_plain_map_with_provenance_and_cleaning(desc_root):
 def test_import_matching_is_explicit(desc_root):
     p = put(desc_root, "plain.json", {"Normal": ["clear"], "Tuberculosis": ["cavities"], "Other": ["x"]})
     with pytest.raises(KnowledgeBaseError, match=r"'normal'.*'Normal'.*class_map=\{'Normal': 'normal'\}"):
-        K.import_descriptor_file(p, class_names=["normal", "Tuberculosis"])
+        D.import_descriptors(p, class_names=["normal", "Tuberculosis"])
     with pytest.raises(KnowledgeBaseError, match="'tb' cannot be matched"):
-        K.import_descriptor_file(p, class_names=["Normal", "tb"])
+        D.import_descriptors(p, class_names=["Normal", "tb"])
     with pytest.raises(KnowledgeBaseError, match="class_map key 'Tb'"):
-        K.import_descriptor_file(p, class_names=["Normal"], class_map={"Tb": "Normal"})
+        D.import_descriptors(p, class_names=["Normal"], class_map={"Tb": "Normal"})
     with pytest.raises(KnowledgeBaseError, match="not classes of the dataset"):
-        K.import_descriptor_file(p, class_names=["Normal"], class_map={"Tuberculosis": "tb"})
-    kb = K.import_descriptor_file(p, class_names=["tuberculosis", "normal"], dataset="tbset",
+        D.import_descriptors(p, class_names=["Normal"], class_map={"Tuberculosis": "tb"})
+    kb = D.import_descriptors(p, class_names=["tuberculosis", "normal"], dataset="tbset",
                                   class_map={"Normal": "normal", "Tuberculosis": "tuberculosis"})
     assert kb.class_names == ["tuberculosis", "normal"] and kb.dataset == "tbset"
     assert kb.get("normal").texts == ["clear"] and kb.get("normal").display_name == "Normal"
@@ -320,15 +326,15 @@ def test_import_matching_is_explicit(desc_root):
 def test_import_empty_class_rejected_or_dropped(desc_root):
     p = put(desc_root, "gaps.json", {"a": ["x"], "b": [], "c": ["", "  "]})
     with pytest.raises(KnowledgeBaseError, match=r"\['b', 'c'\].*drop_empty_classes"):
-        K.import_descriptor_file(p)
-    kb = K.import_descriptor_file(p, drop_empty_classes=True)
+        D.import_descriptors(p)
+    kb = D.import_descriptors(p, drop_empty_classes=True)
     assert kb.class_names == ["a"] and kb.source["dropped_empty_classes"] == ["b", "c"]
 
 
 def test_import_cupl_prompts_flagged(desc_root):
     p = put(desc_root, "CuPL_x.json", {"tabby cat": ["A tabby cat has a striped coat of brown fur.",
                                                      "The image shows a tabby cat lying on a sofa."]})
-    kb = K.import_descriptor_file(p)
+    kb = D.import_descriptors(p)
     assert kb.source["kind"] == "prompts"
     r = K.validate(kb, check_tokens=False)
     assert [f.check for f in r.warnings] == ["prompt_style"]
@@ -338,10 +344,10 @@ def test_import_nested_sets_need_subset(desc_root):
     p = put(desc_root, "nested.json", {"set_A": {"No Finding": ["clear"], "Nodule": ["round spot"]},
                                         "set_B": {"No Finding": ["clear"], "COVID-19": ["ground glass"]}})
     with pytest.raises(KnowledgeBaseError, match=r"several descriptor sets \['set_A', 'set_B'\]"):
-        K.import_descriptor_file(p)
+        D.import_descriptors(p)
     with pytest.raises(KnowledgeBaseError, match="no set 'set_C'"):
-        K.import_descriptor_file(p, subset="set_C")
-    kb = K.import_descriptor_file(p, subset="set_B")
+        D.import_descriptors(p, subset="set_C")
+    kb = D.import_descriptors(p, subset="set_B")
     assert kb.class_names == ["No Finding", "COVID-19"] and kb.source["subset"] == "set_B"
     assert kb.get("COVID-19").descriptions[0].source == "pub/nested.json#set_B"
 
@@ -350,18 +356,18 @@ def test_import_criteria_table_and_unknown_structure(desc_root):
     p = put(desc_root, "crit.json", {"axes": {"color": ["red"]},
                                       "per_class_criteria (derived)": {"MEL": {"color": "black", "shape": "irregular"},
                                                                        "NV": {"color": "tan", "shape": "round"}}})
-    kb = K.import_descriptor_file(p)
+    kb = D.import_descriptors(p)
     assert kb.get("MEL").texts == ["color: black", "shape: irregular"] and kb.source["format"] == "criteria_table"
     bad = put(desc_root, "bad.json", [1, 2, 3])
     with pytest.raises(KnowledgeBaseError, match="pub/bad.json: unrecognised"):
-        K.import_descriptor_file(bad)
+        D.import_descriptors(bad)
 
 
 # ------------------------------------------------------------------ importers (the real published files)
 def test_import_all_published_real_files():
-    root = config.descriptors_root()
-    results = dict(K.import_all_published())
-    files = {str(p.relative_to(root)) for p in K.published_descriptor_files()}
+    root = paths.descriptors_root()
+    results = dict(D.import_all_published())
+    files = {str(p.relative_to(root)) for p in D.published_descriptor_files()}
     assert {n.split("#")[0] for n in results} == files            # every file is accounted for
     for name, r in results.items():
         assert isinstance(r, (K.KnowledgeBase, str)) and (not isinstance(r, str) or r)
@@ -379,31 +385,176 @@ def test_import_all_published_real_files():
 
 
 def test_import_for_dataset_pairs():
-    (kb,) = K.import_for_dataset("tb_cxr_nitrd_da", class_names=["normal", "tuberculosis"])
+    (kb,) = D.import_for_dataset("tb_cxr_nitrd_da", class_names=["normal", "tuberculosis"])
     assert kb.class_names == ["normal", "tuberculosis"] and kb.dataset == "tb_cxr_nitrd_da"
     assert kb.source["class_map"] == {"No Finding": "normal", "Tuberculosis": "tuberculosis"}
     with pytest.raises(KnowledgeBaseError, match="no published descriptor set is paired"):
-        K.import_for_dataset("malaria_cells")
+        D.import_for_dataset("malaria_cells")
 
 
 def test_import_with_registered_dataset_uses_its_folders_and_display_names():
-    from kplib import data
+    from kplib.io.datasets import load_dataset
     try:
-        ds = data.get_dataset("chest_xray_pneumonia")
-    except Exception as e:  # data root absent on this machine
+        ds = load_dataset("chest_xray_pneumonia")
+    except KPLInputError as e:  # data root absent on this machine
         pytest.skip(f"chest_xray_pneumonia not available: {e}")
-    (kb,) = K.import_for_dataset("chest_xray_pneumonia")
+    (kb,) = D.import_for_dataset("chest_xray_pneumonia")
     assert kb.class_names == ds.class_names == ["NORMAL", "PNEUMONIA"]
     assert kb.display_names == list(ds.display_names)
     assert K.validate(kb, class_names=ds.class_names).ok
-    f = config.descriptors_root() / "zero_shot_unseen_pulmonary" / "multixpert_descriptors.json"
+    f = paths.descriptors_root() / "zero_shot_unseen_pulmonary" / "multixpert_descriptors.json"
     with pytest.raises(KnowledgeBaseError, match=r"'NORMAL'.*'Normal'.*class_map"):
-        K.import_descriptor_file(f, dataset="chest_xray_pneumonia", subset="disease_descriptors_Pneumonia")
+        D.import_descriptors(f, dataset="chest_xray_pneumonia", subset="disease_descriptors_Pneumonia")
 
 
 def test_registry_descriptor_pointers_agree_with_published_matches():
-    from kplib.data import DATASETS
-    from kplib.knowledge import PUBLISHED_MATCHES
+    from kplib.io.datasets import registry
 
-    for name, matches in PUBLISHED_MATCHES.items():
-        assert DATASETS[name].published_descriptors in {f for f, _, _ in matches}, name
+    for name, matches in D.PUBLISHED_MATCHES.items():
+        assert registry()[name].published_descriptors in {f for f, _, _ in matches}, name
+
+
+# ------------------------------------------------------------------ knowledge bases as people write them (issue 15)
+def test_import_people_formats_keep_metadata_as_provenance(tmp_path):
+    nested = {"dataset": "my_eyes", "note": "written by hand", "modality": "fundus photograph",
+              "classes": {"glaucoma": ["an enlarged cup"],
+                          "normal": [{"text": "a sharp disc margin", "source": "atlas"}]}}
+    kb = D.import_descriptors(write(tmp_path, nested, "nested.json"))
+    assert kb.class_names == ["glaucoma", "normal"] and kb.dataset == "my_eyes" and kb.modality == "fundus photograph"
+    assert kb.source["format"] == "classes" and kb.source["metadata"] == {"dataset": "my_eyes", "note":
+                                                                           "written by hand",
+                                                                           "modality": "fundus photograph"}
+    assert [d.source for d in kb.get("normal").descriptions] == ["atlas"]
+    assert kb.get("glaucoma").descriptions[0].source == str(tmp_path / "nested.json")
+    flat = {"glioma": ["a mass"], "notumor": [{"text": "symmetric hemispheres"}], "version": 2, "about": {"x": 1}}
+    kb = D.import_descriptors(write(tmp_path, flat, "flat.json"))
+    assert kb.class_names == ["glioma", "notumor"] and kb.source["metadata"] == {"version": 2, "about": {"x": 1}}
+    assert kb.get("notumor").texts == ["symmetric hemispheres"]
+    listed = {"classes": [{"name": "a_b", "display_name": "A B", "descriptions": ["x", {"text": "y"}]}], "by": "me"}
+    kb = D.import_descriptors(write(tmp_path, listed, "listed.json"))
+    assert kb.get("a_b").display_name == "A B" and kb.get("a_b").texts == ["x", "y"]
+    for name in ("nested.json", "flat.json", "listed.json"):  # the result is a valid KB that round-trips
+        out = K.save_kb(D.import_descriptors(tmp_path / name), tmp_path / f"out_{name}")
+        assert K.load_kb(out).to_dict() == D.import_descriptors(tmp_path / name).to_dict()
+
+
+@pytest.mark.parametrize("data, pattern", [
+    ({"a": ["x"], "set": {"b": ["y"]}}, "mixes classes"),
+    ({"note": "only metadata"}, "no class found"),
+    ({"a": ["x", 42]}, r"class 'a', entry 1: 42 is not a description"),
+    ({"a": [{"text": "x", "ref": "y"}]}, "entry 0"),
+    ({"Glioma": ["x"], "glioma": ["y"]}, r"'Glioma' and 'glioma' differ only in case"),
+    ({"classes": "a b c"}, "'classes' must map each class"),
+    ({"schema_version": 1, "a": ["x"]}, "already a schema-v1 knowledge base"),
+])
+def test_import_refuses_what_it_cannot_read_naming_the_file(tmp_path, data, pattern):
+    p = write(tmp_path, data, "odd.json")
+    with pytest.raises(KnowledgeBaseError, match=pattern) as e:
+        D.import_descriptors(p)
+    assert str(p) in str(e.value)
+
+
+def test_load_non_schema_file_names_the_import_command(tmp_path):
+    p = write(tmp_path, {"classes": {"a": ["x"]}, "dataset": "d"}, "my kb.json")
+    with pytest.raises(KnowledgeBaseError) as e:
+        K.load_kb(p)
+    msg = str(e.value)
+    out = tmp_path / "my kb.kb.json"
+    assert f"kpl kb import '{p}' --output '{out}'" in msg, msg
+    assert f"save_kb(import_descriptors({str(p)!r}), {str(out)!r})" in msg and "schema_version" in msg
+    assert "kplib.io.descriptors" in msg
+    p2 = write(tmp_path, {"x": 1}, "junk.json")  # not convertible: the import says why
+    with pytest.raises(KnowledgeBaseError, match="missing field 'schema_version'"):
+        K.load_kb(p2)
+    with pytest.raises(KnowledgeBaseError, match="junk.json: unrecognised structure: no class found"):
+        D.import_descriptors(p2)
+    with pytest.raises(KnowledgeBaseError, match=r"list.json: the top level must be a JSON object, got list"):
+        K.load_kb(write(tmp_path, [kb_dict()], "list.json"))
+
+
+def test_read_json_edge_cases(tmp_path):
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(kb_dict()).encode("utf-8"))
+    assert K.load_kb(bom).class_names == ["glaucoma", "cataract"]
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"a": ["x"], "a": ["y"]}', encoding="utf-8")
+    with pytest.raises(KnowledgeBaseError, match=r"dup.json has the key 'a' more than once"):
+        D.import_descriptors(dup)
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"class": "a", "text": "x"}\n{"class": "b", "text": "y"}\n', encoding="utf-8")
+    with pytest.raises(KnowledgeBaseError, match=r"lines.json looks like JSON Lines"):
+        K.load_kb(lines)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_save_respects_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = K.save_kb(make_kb(), tmp_path / "kb.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_select_reports_kb_classes_without_images(caplog):
+    kb = make_kb({"a": ["x"], "b": ["y"], "zeta": ["z"]})
+    with caplog.at_level(logging.WARNING, logger="kplib"):
+        assert kb.select(["a", "b"]).class_names == ["a", "b"]
+    assert any("['zeta']" in r.getMessage() and "no images" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ tokenizer (issue 13 item 9)
+def test_validate_without_a_tokenizer_skips_the_token_check_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("KPL_TOKENIZER_DIR", str(tmp_path / "absent"))
+    r = K.validate(make_kb(), min_count=1)
+    assert r.ok and r.params["token_check"] is False
+    (skip,) = [f for f in r.warnings if f.check == "token_length"]
+    assert "KPL_TOKENIZER_DIR" in skip.message and "--model" in skip.message and "tokenizer=" in skip.message
+    r = K.validate(make_kb(), min_count=1, tokenizer=str(tmp_path / "no_checkpoint"))
+    assert r.params["token_check"] is False and "no_checkpoint" in r.warnings[-1].message
+
+
+def test_validate_with_a_checkpoints_own_tokenizer(tmp_path):
+    import transformers
+
+    tok = transformers.CLIPTokenizer.from_pretrained(str(paths.tokenizer_dir()))
+    tok.model_max_length = 12
+    tok.save_pretrained(tmp_path / "ckpt")
+    kb = make_kb({"a": ["x", "a much longer description with many words in it"]})
+    r = K.validate(kb, min_count=1, tokenizer=str(tmp_path / "ckpt"))
+    assert r.params["context_length"] == 12 and r.params["token_check"] is True
+    assert [(f.check, f.index) for f in r.errors] == [("token_length", 1)]
+    assert K.validate(kb, min_count=1).ok  # the CLIP tokenizer's 77 tokens
+
+
+# ------------------------------------------------------------------ generic knowledge (issue 16 control)
+def test_generic_descriptions_for_every_registered_modality():
+    from kplib.io.datasets import registry
+
+    expected = {"brain MRI": "brain MRI", "thin blood smear microscopy (single-cell crops)": "microscopy",
+                "paediatric chest X-ray": "chest X-ray", "chest X-ray": "chest X-ray",
+                "colour fundus photograph": "fundus photograph",
+                "fundus photograph (Gaussian-filtered, Graham 2015)": "fundus photograph",
+                "natural photographs": "natural photograph"}
+    families = K._generic_table()["families"]
+    for info in registry().values():
+        texts = K.generic_descriptions(info.modality)
+        assert texts == families[expected[info.modality]]["descriptions"], info.modality
+        assert 20 <= len(texts) <= 30 and len(set(texts)) == len(texts)
+    with pytest.raises(KPLInputError, match=r"'ultrasound'.*'chest X-ray'.*'natural photograph'"):
+        K.generic_descriptions("ultrasound")
+
+
+def test_generic_descriptions_name_no_class_of_their_modality():
+    """A generic description must not carry class knowledge: none names a class of a dataset of its modality."""
+    from kplib.io.datasets import registry
+
+    for name, info in registry().items():
+        if info.kb is None:
+            continue
+        kb = K.curated_kb(info.kb)
+        generic = K.KBClass("generic_control", "generic", [K.Description(t) for t in
+                                                            K.generic_descriptions(info.modality)])
+        probe = dataclasses.replace(kb, classes=[*kb.classes, generic])
+        r = K.validate(probe, min_count=1, check_tokens=False)
+        assert not [f for f in r.findings if f.cls == "generic_control" and f.check == "names_other_class"], name

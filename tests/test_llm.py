@@ -1,4 +1,4 @@
-"""Tests of kplib.llm against a real HTTP server on 127.0.0.1 with canned chat-completions replies."""
+"""Tests of kplib.io.llm against a real HTTP server on 127.0.0.1 with canned chat-completions replies."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from kplib import knowledge as K
-from kplib import llm
 from kplib.errors import KPLInputError, LLMError
+from kplib.io import knowledge as K
+from kplib.io import llm
 
 KEY = "sk-test-SECRET-7f3a9c0e1b2d"
 
@@ -82,8 +82,8 @@ def server():
 
 
 def cfg(server, **kw):
-    base = dict(base_url=f"http://127.0.0.1:{server.port}/v1", model="test-model", api_key=KEY, timeout=5.0,
-                max_retries=3, backoff=0.01, max_backoff=0.05, max_total_time=10.0)
+    base = {"base_url": f"http://127.0.0.1:{server.port}/v1", "model": "test-model", "api_key": KEY, "timeout": 5.0,
+            "max_retries": 3, "backoff": 0.01, "max_backoff": 0.05, "max_total_time": 10.0}
     base.update(kw)
     return llm.LLMConfig(**base)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kplib import llm
 from kplib.errors import LLMError
+from kplib.io import llm
 
 KEY = "sk-reliability-SECRET-93e1d2c4b5a6"
 
@@ -139,8 +139,8 @@ def logs(caplog):
 
 
 def cfg(server, **kw):
-    base = dict(base_url=server.url, model="m", api_key=KEY, timeout=2.0, max_retries=2, backoff=0.01,
-                max_backoff=0.05, max_total_time=10.0)
+    base = {"base_url": server.url, "model": "m", "api_key": KEY, "timeout": 2.0, "max_retries": 2, "backoff": 0.01,
+            "max_backoff": 0.05, "max_total_time": 10.0}
     base.update(kw)
     return llm.LLMConfig(**base)
 
