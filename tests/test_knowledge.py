@@ -501,6 +501,12 @@ def test_select_reports_kb_classes_without_images(caplog):
     with caplog.at_level(logging.WARNING, logger="kplib"):
         assert kb.select(["a", "b"]).class_names == ["a", "b"]
     assert any("['zeta']" in r.getMessage() and "no images" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kplib"):
+        make_kb({"a": ["x", "y", "x"], "b": ["y"]}).select(["a", "b"])
+    assert [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()] == [
+        "knowledge base 't-v1', class 'a': duplicate description(s) ['x'] count more than once in the top-K text proxy; "
+        "remove them (`kpl kb validate` lists them)"]
 
 
 # ------------------------------------------------------------------ tokenizer (issue 13 item 9)

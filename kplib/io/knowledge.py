@@ -287,8 +287,9 @@ def _class_map_fix(file_class: str, name: str) -> str:
 def select(kb: KnowledgeBase, class_names: Sequence[str]) -> KnowledgeBase:
     """A copy of ``kb`` with exactly ``class_names`` (the dataset's classes, exact folder names) in that order.
 
-    A missing class is an error naming the KB file and, for a case/spacing/underscore variant, the rename; KB classes
-    the dataset does not have are left out with a logged warning.
+    A missing class is an error naming the KB file and, for a case/spacing/underscore variant, the rename. KB classes
+    the dataset does not have are left out, and repeated descriptions (which count twice in the top-K text proxy)
+    kept, each with a logged warning.
     """
     class_names = list(class_names)
     if not class_names or len(set(class_names)) < len(class_names):
@@ -307,6 +308,12 @@ def select(kb: KnowledgeBase, class_names: Sequence[str]) -> KnowledgeBase:
     extra = [n for n in by_name if n not in set(class_names)]
     if extra:
         log.warning("knowledge base %s: class(es) %s have no images in the dataset; left out", kb._where(), extra)
+    for name in class_names:
+        texts = by_name[name].texts
+        if len(set(texts)) < len(texts):
+            log.warning("knowledge base %s, class %r: duplicate description(s) %s count more than once in the top-K "
+                        "text proxy; remove them (`kpl kb validate` lists them)", kb._where(), name,
+                        sorted({t[:60] for t in texts if texts.count(t) > 1}))
     return dataclasses.replace(kb, classes=[dataclasses.replace(by_name[n], descriptions=list(
         by_name[n].descriptions), references=list(by_name[n].references)) for n in class_names])
 
