@@ -432,7 +432,7 @@ class _Pass:
     lengths: dict[int, list[int]]  # id(class) -> prompt token lengths (empty: not counted)
     norms: dict[int, list[str]]  # id(class) -> descriptions as lower-case words
     owner: dict[str, str]  # lower-cased text -> the first class that has it
-    names: dict[str, list[tuple[str, tuple[str, ...]]]]  # class -> (phrase, its words): folder and display name
+    mentions: dict[str, list[tuple[tuple[str, ...], str, str]]]  # first word -> (words, class, its folder/display name)
 
 
 def _near_duplicate(v: _Pass, c: KBClass, j: int, text: str) -> str | None:
@@ -449,9 +449,11 @@ def _near_duplicate(v: _Pass, c: KBClass, j: int, text: str) -> str | None:
 
 def _names_other_class(v: _Pass, c: KBClass, j: int, text: str) -> str | None:
     """Another class's folder name (``_`` read as a space) or display name, as whole words."""
-    words = _words(text)
-    hits = {other: phrase for other, phrases in v.names.items() if other != c.name for phrase, pw in phrases
-            if any(words[i:i + len(pw)] == pw for i in range(len(words)))}
+    words, hits = _words(text), {}
+    for i, w in enumerate(words):
+        for pw, other, phrase in v.mentions.get(w, ()):
+            if other != c.name and words[i:i + len(pw)] == pw:
+                hits.setdefault(other, phrase)
     return None if not hits else (
         "mentions " + ", ".join(f"{p!r}, the name of class {o!r}" for o, p in hits.items()) + f": {text!r}. "
         "Rephrase without naming another class (its words pull this class's proxy towards that class).")
@@ -543,13 +545,15 @@ def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokeni
     for c in kb.classes:
         for t in c.texts:
             owner.setdefault(t.strip().lower(), c.name)
-    display = {c.name: c.display_name for c in kb.classes}
-    names = {n: [(p, _words(p)) for p in dict.fromkeys([n.replace("_", " ").strip(), display.get(n, n)]) if _words(p)]
-             for n in (kb.class_names if dataset is None else dataset)}
+    display, mentions = {c.name: c.display_name for c in kb.classes}, {}
+    for n in kb.class_names if dataset is None else dataset:
+        for phrase in dict.fromkeys([n.replace("_", " ").strip(), display.get(n, n)]):
+            if words := _words(phrase):
+                mentions.setdefault(words[0], []).append((words, n, phrase))
     v = _Pass(kb, min_count if min_count is not None else CURATED_MIN_COUNT if kb.method == "curated" else 1,
               near_duplicate_ratio, context_length or (limit if limit < 100_000 else CONTEXT_LENGTH),
               {id(c): [next(counted) for _ in c.texts] if tok else [] for c in kb.classes},
-              {id(c): [" ".join(_words(t)) for t in c.texts] for c in kb.classes}, owner, names)
+              {id(c): [" ".join(_words(t)) for t in c.texts] for c in kb.classes}, owner, mentions)
     stats = []
     for c in kb.classes:
         mine = [Finding(severity, check, c.name, None, msg) for check, severity, rule in CLASS_CHECKS
