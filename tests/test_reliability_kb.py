@@ -163,11 +163,12 @@ def test_half_written_file(tmp_path, cut):
     assert str(path) in str(info.value)
 
 
-def test_invalid_utf8_and_missing_file(tmp_path):
+def test_invalid_utf8_and_missing_file(tmp_path, capsys):
     raw = json.dumps(kb_dict(), ensure_ascii=False).replace("grainy alpha", "gr\udcffiny alpha")
     path = write(tmp_path, raw.encode("utf-8", "surrogateescape"))
     with pytest.raises(KnowledgeBaseError, match="not valid UTF-8.*re-save it as UTF-8"):
         K.load_kb(path)
+    assert main(["kb", "validate", str(path)]) == 2 and "UTF-8" in capsys.readouterr().err
     with pytest.raises(KnowledgeBaseError, match="does not exist") as info:
         K.load_kb(tmp_path / "nope.json")
     assert str(tmp_path / "nope.json") in str(info.value)
@@ -203,16 +204,35 @@ def standin():
 @pytest.mark.parametrize("names, variant", [(["alpha", "delta"], None),
                                             (["alpha", "Beta Gamma", "delta"], "Beta Gamma"),
                                             (["alpha", "beta_gamma", "delta"], "beta_gamma"),
+                                            (["alpha", "beta  gamma", "delta"], "beta  gamma"),
                                             (["alpha", "Beta-Gamma", "delta"], "Beta-Gamma")])
-def test_missing_or_misspelt_class_stops_the_pipeline(tmp_path, standin, names, variant):
+def test_missing_or_misspelt_class_stops_the_pipeline(tmp_path, standin, capsys, names, variant):
     from kplib.pipeline import embed_knowledge
 
     path = write(tmp_path, kb_dict(names=names))
     with pytest.raises(KnowledgeBaseError) as info:
-        embed_knowledge(K.load_kb(path), standin, CLASSES)
+        embed_knowledge(path, standin, CLASSES)
     msg = " ".join(str(info.value).split())
     assert "'beta gamma'" in msg and str(path) in msg
-    assert variant is None or (repr(variant) in msg and "rename" in msg and "--class-map" in msg)
+    assert variant is None or (repr(variant).replace("  ", " ") in msg and "rename" in msg and "--class-map" in msg)
+    rc = main(["kb", "validate", str(path), "--classes", ",".join(CLASSES), "--min-count", "1"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 1 and "ERROR coverage [beta gamma]" in out and str(path) in out
+    assert variant is None or "differs only in case/spacing" in out
+
+
+def test_over_length_description_is_named_by_the_pipeline(tmp_path, standin, caplog):
+    """The pipeline encodes an over-long prompt truncated as CLIP does, and says which one."""
+    from kplib.pipeline import embed_knowledge
+
+    data = kb_dict()
+    data["classes"][1]["descriptions"].append({"text": "an extremely " + "very " * 90 + "long description",
+                                               "source": None})
+    with caplog.at_level(logging.WARNING, logger="kplib"):
+        text = embed_knowledge(K.load_kb(write(tmp_path, data)), standin, CLASSES)
+    assert [len(d) for d in text.description_embeddings] == [3, 4, 3]
+    assert any("class 'beta gamma', description 3" in r.getMessage() and "truncated" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_extra_class_is_dropped_and_reported(tmp_path, standin, capsys, caplog):
