@@ -64,13 +64,13 @@ CODE_SELECTOR = "pre, code, kbd, samp, script, style, textarea, mjx-container, .
 RAW_TEX = re.compile(
     r"\$\$.{0,300}?\$\$|\\\(.{0,300}?\\\)|\\\[.{0,300}?\\\]|\$\$|\\[()\[\]]|\$[^\s$](?:[^$\n]{0,300}?[^\s$\\])?\$"
 )
-# The stand-in announcement (see standin_announcements): the capitalised label kplib gives the stand-in encoder,
-# and sentences that say its numbers mean nothing.
+# The stand-in announcement (see standin_announcements): the capitalised label kplib gives the stand-in encoder
+# (case-sensitive: prose may say "the untrained stand-in"), and sentences that say its numbers mean nothing.
 BANNER_SELECTOR = ".kpl-encoder-banner"
 CHAPTER_PREFIX = "notebooks/"
-STANDIN_TEXT = re.compile(
-    r"UNTRAINED|\bstand-in\b[^.\n]{0,120}\b(?:mean(?:s|ing)? nothing|meaningless|not (?:a )?results?)", re.I
-)
+_MEANINGLESS = r"[^.\n]{0,120}?\b(?:[Mm]ean(?:s|ing)? nothing|meaningless|not (?:a )?results?)\b"
+STANDIN_TEXT = re.compile(rf"UNTRAINED(?:{_MEANINGLESS})?|\b[Ss]tand-in\b{_MEANINGLESS}")
+BOLD_WARNING_WORDS = 5
 STANDIN_EXEMPT = f"{BANNER_SELECTOR}, caption, figcaption, .caption, .cell_input, code.literal, script, style"
 MAX_SCREENSHOT_HEIGHT = 12000
 
@@ -227,13 +227,15 @@ def standin_announcements(text: str, bold: list[str]) -> list[str]:
     A chapter names the stand-in once, by the encoder banner (``.kpl-encoder-banner``, kplib's ``encoder_banner``).
     Counted here, in the text a reader sees outside the banner: the capitalised ``UNTRAINED`` of the stand-in's label
     (log lines, table cells naming the encoder in every row, repeated labels), sentences that say the stand-in's
-    numbers "mean nothing" / are "meaningless" / "not results", and bold text mentioning the stand-in. Not counted:
+    numbers "mean nothing" / are "meaningless" / "not results", and bold text of 5 words or more mentioning the
+    stand-in (a bold warning; a bold term such as **untrained stand-in** is not one). Not counted:
     the banner itself, figure and table captions (``<caption>``, e.g. pandas ``Styler.set_caption``; ``figcaption``;
     Sphinx ``.caption``), the red captions inside figure images, code cells' source and inline code, and prose that
     mentions the stand-in without repeating the warning.
     """
     found = [text[max(m.start() - 20, 0): m.end() + 20].replace("\n", " ") for m in STANDIN_TEXT.finditer(text)]
-    found += [f"bold: {b[:80]}" for b in bold if re.search(r"stand-?in", b, re.I)]
+    found += [f"bold: {b[:80]}" for b in bold
+              if re.search(r"stand-?in", b, re.I) and len(b.split()) >= BOLD_WARNING_WORDS]
     return found
 
 

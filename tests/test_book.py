@@ -89,6 +89,8 @@ def test_config_serves_mathjax_and_exercises():
     static = [REPO / p for p in sphinx["html_static_path"]]
     assert any((p / sphinx["mathjax_path"]).resolve() == MATHJAX.resolve() for p in static), \
         f"mathjax_path {sphinx['mathjax_path']} does not resolve to {MATHJAX} through html_static_path {static}"
+    # book/_static/kpl.css makes an 88-column code line fit its box at 1280 px (the browser check measures it)
+    assert "kpl.css" in sphinx["html_css_files"] and (REPO / "book" / "_static" / "kpl.css").is_file()
     assert not (REPO / "_static").exists(), "a top-level _static makes Jupyter Book add every .js below it to each page"
     assert "sphinx_exercise" in cfg["sphinx"]["extra_extensions"]
     assert "div.solution" in sphinx["togglebutton_selector"], "solutions must be collapsed behind a toggle"
@@ -167,7 +169,8 @@ _GOOD_MATHS = (
     '<section><p>Hidden answer.</p></section></div>'
     '<style>.toggle-hidden .admonition-title ~ * {height: 0; visibility: hidden; display: block}</style>'
     '<div class="kpl-encoder-banner"><b>Encoder: UNTRAINED stand-in</b> numbers mean nothing</div>'
-    '<p>With the stand-in, a real checkpoint would show more.</p>'
+    '<p>With the <strong>untrained stand-in</strong>, a real checkpoint would show more; the untrained stand-in '
+    'runs every line.</p>'
     '<table><caption>Encoder: UNTRAINED stand-in</caption><tr><td>0.5</td></tr></table></body></html>'
 )
 # Each defect the check promises to catch, on one page (wide boxes are 300 px containers holding 900 px content).
