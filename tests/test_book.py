@@ -91,6 +91,7 @@ def test_config_serves_mathjax_and_exercises():
         f"mathjax_path {sphinx['mathjax_path']} does not resolve to {MATHJAX} through html_static_path {static}"
     # book/_static/kpl.css makes an 88-column code line fit its box at 1280 px (the browser check measures it)
     assert "kpl.css" in sphinx["html_css_files"] and (REPO / "book" / "_static" / "kpl.css").is_file()
+    assert ".cache" in cfg["exclude_patterns"], "make mathjax's npm files (.cache) must not become pages"
     assert not (REPO / "_static").exists(), "a top-level _static makes Jupyter Book add every .js below it to each page"
     assert "sphinx_exercise" in cfg["sphinx"]["extra_extensions"]
     assert "div.solution" in sphinx["togglebutton_selector"], "solutions must be collapsed behind a toggle"
