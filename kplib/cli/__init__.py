@@ -1,16 +1,16 @@
-"""``kpl``: the command line of kplib — list datasets, encode an image folder, run a method, manage KBs.
+"""``kpl``: KPL and its baselines on image folders, from the command line. It calls :mod:`kplib.pipeline`.
 
 Examples::
 
-    kpl datasets
-    kpl encode malaria_cells --model openai/clip-vit-base-patch16
-    kpl run malaria_cells --method kpl --mode corrected --k 8 --predictions preds.csv
-    kpl run ./my_folder --method zero_shot --kb ./my_kb.json --model ./my_clip_checkpoint
-    kpl kb validate malaria_cells
+    kpl run malaria_cells --method kpl_corrected --predictions preds.csv --output result.json
+    kpl run ./export --method zero_shot --classes normal,pneumonia --model ./my_clip     # unlabelled images
+    kpl compare brain_tumor_mri --methods kpl_corrected,kpl_random_words,kpl_shuffled,transclip,clip_dn
+    kpl merge results/*.json                 # one table from several --output files
+    kpl datasets | kpl audit FOLDER | kpl kb validate FILE | kpl encode FOLDER
 
-Errors caused by input (``kplib.errors.KPLError``) print one line on stderr and exit with code 2. Output files are
-deterministic: the same command twice writes byte-identical files (run metadata without dates or timings goes to a
-``<name>.meta.json`` sidecar).
+The options of every method's switches are generated from the configs' declared fields (``--k``, ``--tau-t``,
+``--transclip-n-neighbors`` ...); an option that does not apply to the chosen method is an error. User errors print
+one line on stderr and exit with code 2. Output files are deterministic (run metadata goes to ``<name>.meta.json``).
 """
 from __future__ import annotations
 
@@ -22,443 +22,298 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import KPLError, KPLInputError, StandInWarning
+from ..io.datasets import display_path, load_dataset
+from ..io.encoders import STANDIN_LABEL, load_encoder
+from ..io.knowledge import load_kb
+from ..method.methods import METHODS, KPLConfig
+from ..pipeline import Experiment, compare, embed_images, run
+from . import data as data_cli
+from . import kb as kb_cli
 
 log = logging.getLogger("kplib")
 
-RUN_METHODS = ("zero_shot", "descriptor_mean", "inmap", "kpl", "kpl_reference", "kpl_corrected")
-_SCORE_DIGITS = 6
-#: KPLConfig fields that get their own CLI option elsewhere (``--mode``, ``--seed``) or none.
-_CONFIG_SKIP = {"mode", "seed"}
-_CONFIG_HELP = {
-    "k": "top-K descriptions kept per class (TPO)",
-    "retrieval": "'dataset' (released: one selection for all images) or 'per_image' (extension)",
-    "tau_t": "temperature of the text pseudo-labels P0 = softmax(L / tau_t)",
-    "tau_i": "temperature of the image-proxy softmax in proxy learning",
-    "alpha": "confidence hardening threshold",
-    "class_marginal": "'uniform', 'gamma' or 'em' class marginal for transport",
-    "gamma": "exponent of the gamma class marginal q_c ∝ (Σ_i P0_ic)^gamma",
-    "lr": "initial proxy-learning step size",
-    "iters_proxy": "proxy-learning iterations",
-    "iters_ot": "transport iterations (reference routines)",
-    "transport": "transport routine (default: the mode's own)",
-    "ot_tol": "transport tolerance (corrected mode)",
-    "proxy_tol": "proxy-learning tolerance (corrected mode)",
-    "no_transport_baseline": "also learn proxies from P0 without transport",
-    "record_every": "keep a proxy snapshot every N steps",
-    "ot_max_iter": "sweep budget of the corrected transport solvers",
-    "normalize_rows": "rescale transported rows to sum to 1 before hardening (default: the mode's)",
-}
-_CONFIG_CHOICES = {
-    "retrieval": ("dataset", "per_image"),
-    "class_marginal": ("uniform", "gamma", "em"),
-}
-
-STANDIN_BANNER = (
-    "!" * 100 + "\n"
-    "!!  UNTRAINED STAND-IN ENCODER (random CLIP, seed 0): THESE NUMBERS ARE MEANINGLESS.\n"
-    "!!  It is a randomly initialised CLIP (chosen with --model standin, or the fallback of --model auto when no\n"
-    "!!  pretrained CLIP could be loaded). Pass --model <hub id or folder> (or set KPL_MODEL) for real results.\n"
-    + "!" * 100
-)
+_PREFIX = {"KPLConfig": "", "TransCLIPConfig": "transclip-", "CLIPDNConfig": "dn-"}
+_SHARED = {"mode", "seed"}  # their own options: --mode (checked against the method), --seed (everything seeded)
 
 
-# ------------------------------------------------------------------------------------------------ parser
-def _kplconfig_fields() -> list[dataclasses.Field]:
-    from ..methods import KPLConfig
-
-    return [f for f in dataclasses.fields(KPLConfig) if f.name not in _CONFIG_SKIP]
+def _config_classes() -> list[type]:
+    return list(dict.fromkeys(spec.config for spec in METHODS.values()))
 
 
-def _field_kind(f: dataclasses.Field) -> str:
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    t = t.replace(" ", "")
-    for kind in ("bool", "int", "float", "str"):
-        if t in (kind, f"{kind}|None", f"None|{kind}", f"Optional[{kind}]"):
-            return kind
-    return "str"
+def _flag(cls: type, name: str) -> str:
+    return "--" + _PREFIX.get(cls.__name__, cls.__name__.lower() + "-") + name.replace("_", "-")
 
 
-def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """One option per declared config field, with its constraint's type/choices and its help text."""
+    p.add_argument("--mode", choices=["reference", "corrected"], default=None,
+                   help="reference: the released computation; corrected: what the method intends (methods kpl, "
+                        "inmap and the kpl_<control> ones)")
+    for cls in _config_classes():
+        group = p.add_argument_group(f"{cls.__name__} options")
+        for f in dataclasses.fields(cls):
+            if f.name in _SHARED or "constraint" not in f.metadata:
+                continue
+            c = f.metadata["constraint"]
+            kw = {"choices": list(c.values)} if hasattr(c, "values") else {}
+            group.add_argument(_flag(cls, f.name), dest=f"{cls.__name__}.{f.name}", type=c.parse, default=None,
+                               help=f.metadata["help"] + f" (default {f.default})", **kw)
+
+
+def _configs(args, methods: Sequence[str]) -> tuple:
+    """The configs the options ask for; an option no chosen method uses is an error that says why."""
+    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    out = []
+    for cls in _config_classes():
+        fields = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(cls.__name__ + ".")}
+        users = [m for m in methods if METHODS[m].config is cls]
+        for name in fields:
+            used = [m for m in users if METHODS[m].uses is None or name in METHODS[m].uses]
+            if not used:
+                raise KPLInputError(f"{_flag(cls, name)} does not apply to method(s) {', '.join(methods)}; drop it")
+        kw = dict(fields)
+        if "seed" in {f.name for f in dataclasses.fields(cls)}:
+            kw["seed"] = args.seed
+        if cls is KPLConfig and args.mode is not None:
+            kw["mode"] = args.mode
+        out.append(cls(**kw))
+    if args.mode is not None:
+        for m in methods:
+            spec = METHODS[m]
+            if not spec.modes or spec.fixed_mode not in (None, args.mode):
+                why = f"fixes the mode to {spec.fixed_mode}" if spec.modes else "has no modes"
+                raise KPLInputError(f"--mode {args.mode} does not apply: method {m} {why}; drop --mode, or use "
+                                    f"--method kpl --mode {args.mode}")
+    return tuple(out)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", metavar="FOLDER_OR_DATASET",
-                   help="a registered dataset (see `kpl datasets`) or an image folder laid out as "
-                        "<folder>/<class>/<image> or <folder>/<split>/<class>/<image>")
+                   help="a registered dataset (`kpl datasets`) or an image folder: <folder>/<class>/<image>, "
+                        "<folder>/<split>/<class>/<image>, or unlabelled images with --classes / --unlabelled")
     p.add_argument("--model", default="auto",
-                   help="CLIP checkpoint: Hugging Face hub id or local folder; 'standin' for the untrained stand-in; "
-                        "'auto' (default) = $KPL_MODEL or openai/clip-vit-large-patch14-336, falling back to the "
-                        "stand-in with a loud warning when it cannot be loaded")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: $KPL_DEVICE, else cpu)")
+                   help="CLIP checkpoint: hub id or save_pretrained folder; 'standin' for the untrained stand-in; "
+                        "'auto' (default): $KPL_MODEL, else the stand-in with a loud warning")
+    p.add_argument("--kb", default=None, metavar="FILE_OR_NAME",
+                   help="knowledge base file or curated name (default: the dataset's curated one; zero_shot needs "
+                        "none)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $KPL_DEVICE, else cuda "
+                                                  "when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute precision (bfloat16: faster where the CPU has bfloat16 instructions, and on GPUs; "
-                        "embeddings are always float32)")
+                   help="encoder precision (bfloat16 runs the forward under autocast)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--limit-per-class", type=int, default=None, metavar="N",
-                   help="use a seeded random subset of at most N images per class")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the method and the bootstrap (default 0)")
+                   help="a seeded random subset of at most N images per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the methods and the bootstrap (default 0)")
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
-                   help="undecodable images: stop with an error naming the file (default) or skip and report them")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, 1 can be "
-                        "much faster for the small matrix operations of the methods")
+                   help="unreadable images: stop with an error listing them (default), or skip them")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding store")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on stderr (default: when stderr is a terminal)")
+    data_cli.add_dataset_args(p)
+    _add_config_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kpl", description="KPL (AAAI 2025) and baselines on image folders with any Hugging Face CLIP.",
-        epilog="Environment: KPL_MODEL, KPL_DATA_ROOT, KPL_CACHE_DIR, KPL_TOKENIZER_DIR (see ARCHITECTURE.md).")
+    parser = argparse.ArgumentParser(prog="kpl", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Environment: KPL_MODEL, KPL_DEVICE, KPL_DATA_ROOT, KPL_CACHE_DIR, "
+                                            "KPL_TOKENIZER_DIR, KPL_DESCRIPTORS_ROOT.")
     parser.add_argument("--version", action="version", version=f"kplib {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
-    sub = parser.add_subparsers(dest="command", metavar="{datasets,encode,run,kb}")
-    sub.required = True
-
-    p = sub.add_parser("datasets", help="list the registered datasets and whether their folders exist",
-                       description="List the registered datasets (kplib.data.DATASETS) under $KPL_DATA_ROOT.")
-    p.set_defaults(func=cmd_datasets)
-
-    p = sub.add_parser("encode", help="encode a dataset's images into the embedding cache",
-                       description="Encode every image of a dataset or folder with a CLIP image encoder and store "
-                                   "the embeddings in the cache ($KPL_CACHE_DIR); prints counts and the encoder.")
-    _add_encoder_args(p)
-    p.add_argument("--save", metavar="FILE.pt", help="also write the embeddings (with provenance) to this file")
-    p.set_defaults(func=cmd_encode)
-
-    p = sub.add_parser("run", help="run a method and print accuracy, balanced accuracy and macro-F1",
-                       description="Run zero-shot CLIP, descriptor averaging, InMaP or KPL on a dataset or folder "
-                                   "and print the metrics table (labels come from the class folders).")
-    _add_encoder_args(p)
-    p.add_argument("--method", default="kpl", choices=RUN_METHODS, help="method to run (default kpl)")
-    p.add_argument("--mode", default="reference", choices=["reference", "corrected"],
-                   help="KPL/InMaP mode: 'reference' reproduces the released code, 'corrected' the intended method")
-    p.add_argument("--kb", default=None, metavar="NAME_OR_PATH",
-                   help="knowledge base: curated name (see `kpl kb list`) or JSON file; default: the dataset's "
-                        "curated KB")
-    p.add_argument("--template", default=None, help="description prompt template with {class_name} and "
-                                                   "{description} (default: the released KPL template)")
-    p.add_argument("--strict-prompts", action="store_true",
-                   help="fail (instead of warn and truncate) when a prompt exceeds the text context")
-    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--predictions", metavar="OUT.csv|OUT.json",
-                   help="write per-image predictions (path, true class, predicted class, per-class scores); run "
-                        "metadata goes to OUT.meta.json")
-    cfg = p.add_argument_group("KPL configuration (KPLConfig; default: the mode's values)")
-    for f in _kplconfig_fields():
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_kind(f)
-        helptext = _CONFIG_HELP.get(f.name, f.name)
-        if kind == "bool" and f.default is False:
-            cfg.add_argument(flag, dest=f"cfg_{f.name}", action="store_const", const=True, default=None,
-                             help=helptext)
-        elif kind == "bool":
-            cfg.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                             help=helptext)
-        else:
-            choices = _CONFIG_CHOICES.get(f.name)
-            if f.name == "transport":
-                from ..methods import TRANSPORTS as choices
-            cfg.add_argument(flag, dest=f"cfg_{f.name}", type={"int": int, "float": float, "str": str}[kind],
-                             default=None, choices=choices, metavar=None if choices else kind.upper(),
-                             help=helptext if f.default is None else f"{helptext} (default {f.default!r})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    methods = "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items())
+    p = sub.add_parser("run", help="run one method on a folder and evaluate it", description=f"Methods — {methods}.")
+    _add_run_args(p)
+    p.add_argument("--method", default="kpl_corrected", choices=list(METHODS), help="default kpl_corrected")
+    p.add_argument("--predictions", default=None, metavar="FILE.csv|FILE.json", help="write per-image predictions")
+    p.add_argument("--output", default=None, metavar="FILE.json",
+                   help="write {dataset, model, method, config, metrics} (merge several with `kpl merge`)")
     p.set_defaults(func=cmd_run)
-
-    try:
-        from .kb import add_kb_subparsers
-    except ImportError:  # pragma: no cover - the KB commands ship with kplib
-        pass
-    else:
-        add_kb_subparsers(sub)
+    p = sub.add_parser("compare", help="run several methods on the same embeddings, with paired tests",
+                       description=f"Methods — {methods}.")
+    _add_run_args(p)
+    p.add_argument("--methods", required=True, metavar="A,B,...", help="comma-separated method names")
+    p.add_argument("--reference", default=None, help="the method the others are tested against (default: first)")
+    p.add_argument("--output", default=None, metavar="FILE.csv", help="write the table")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("encode", help="fill the embedding store for a folder (no method)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_encode)
+    p = sub.add_parser("merge", help="one table from several `kpl run --output` files")
+    p.add_argument("files", nargs="+", metavar="FILE.json")
+    p.add_argument("--output", default=None, metavar="FILE.csv", help="write the table as CSV")
+    p.set_defaults(func=cmd_merge)
+    data_cli.register(sub)
+    kb_cli.register(sub)
     return parser
 
 
 # ------------------------------------------------------------------------------------------------ commands
-def _kb_label(name: str, info) -> str:
-    """The knowledge base `kpl run` uses by default (kplib.experiment.default_kb_for), in words."""
-    if info.kb is not None:
-        return info.kb
-    if info.published_descriptors is not None and name == "imagenet_sample":
-        return f"DCLIP, imported at run time ({info.published_descriptors})"
-    return "–"
+def _folder(args):
+    options = data_cli.dataset_options(args)
+    if options["labelled"] is False and options["classes"] is None and getattr(args, "kb", None):
+        options["classes"] = load_kb(args.kb).class_names  # unlabelled images of the knowledge base's classes
+    return load_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed, **options)
 
 
-def cmd_datasets(args) -> int:
-    from .. import config
-    from ..data import DATASETS
-
-    try:
-        root = config.data_root()
-    except KPLInputError as exc:
-        root = None
-        print(f"note: {exc}")
-    print(f"data root: {root}")
-    rows = []
-    for name, info in DATASETS.items():
-        folder = root / info.folder / info.split if root is not None else None
-        n_classes = "–"
-        if folder is not None and folder.is_dir():
-            n_classes = str(sum(1 for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")))
-        rows.append((name, "yes" if folder is not None and folder.is_dir() else "no", n_classes,
-                     _kb_label(name, info), info.modality, info.paper_dataset))
-    header = ("name", "present", "classes", "kb", "modality", "relation to the KPL paper")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header) - 1)]
-    for r in [header] + rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
-    return 0
+def _encoder(args):
+    return load_encoder(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
 
 def _progress(args) -> bool:
-    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+    return sys.stderr.isatty() if args.progress is None else args.progress
 
 
-def _describe_encoder(identity) -> str:
-    rev = f" (revision {identity.revision})" if identity.revision else ""
-    return f"encoder: {identity.label}{rev}"
+def _table(df) -> str:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
+        return df.to_string()
 
 
-def _check_batch(args) -> None:
-    """Validate the shared numeric options and apply --threads."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise KPLInputError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        raise KPLInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit_per_class is not None and args.limit_per_class < 1:
-        raise KPLInputError(f"--limit-per-class must be >= 1, got {args.limit_per_class}")
-
-
-def cmd_encode(args) -> int:
-    from ..encoders import load_encoder
-    from ..experiment import embed_dataset, resolve_dataset
-
-    _check_batch(args)
-    dataset = resolve_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed)  # fail fast
-    encoder = load_encoder(args.model, device=args.device, dtype=args.dtype)
-    if encoder.identity.is_standin:
-        print(STANDIN_BANNER)
-    emb = embed_dataset(dataset, encoder, cache=not args.no_cache, on_error=args.on_error,
-                        batch_size=args.batch_size, progress=_progress(args))
-    print(_describe_encoder(emb.encoder))
-    print(f"dataset: {emb.dataset} ({emb.meta['dataset'].get('root')}): {len(emb)} images, "
-          f"{len(emb.class_names)} classes, dim {emb.embeddings.shape[1]}")
-    for c, n in emb.counts().items():
-        print(f"  {c}: {n}")
-    if emb.skipped:
-        print(f"skipped {len(emb.skipped)} undecodable image(s):")
-        for path, reason in emb.skipped:
-            print(f"  {path}: {reason}")
-    if emb.cache_stats is None:
-        print("cache: off")
-    else:
-        s = emb.cache_stats
-        print(f"cache: {s['hits']} hit(s), {s['misses']} miss(es), {s['writes']} written")
-    if args.save:
-        out = emb.save(args.save)
-        print(f"saved {out}")
-    return 0
-
-
-def _config_overrides(args) -> dict:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+def _print_metrics(exp: Experiment) -> None:
+    m = exp.metrics
+    print(f"{exp.result.method} on {exp.images.folder.name}: {len(exp.images)} images, encoder {exp.images.encoder.label}")
+    if m is None:
+        print("unlabelled images: no metrics (write the predictions with --predictions)")
+        return
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        lo, hi = m[f"{key}_ci"]
+        print(f"  {key:18s} {100 * m[key]:6.2f} %  (95% bootstrap interval {100 * lo:.2f}–{100 * hi:.2f})")
 
 
 def cmd_run(args) -> int:
-    from ..encoders import load_encoder
-    from ..experiment import KPL_TEMPLATE, embed_dataset, embed_knowledge, provenance, resolve_dataset, resolve_kb
-    from ..methods import KPLConfig, run_method
-    from ..metrics import evaluate, results_table
-
-    if args.n_bootstrap < 0:
-        raise KPLInputError(f"--n-bootstrap must be >= 0, got {args.n_bootstrap}")
-    pred_path = _check_predictions_path(args.predictions)
-    overrides = _config_overrides(args)
-    if args.method in ("zero_shot", "descriptor_mean"):
-        if overrides:
-            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(overrides))
-            raise KPLInputError(f"--method {args.method} has no KPL configuration; remove {flags}")
-        config = None
-    else:
-        make = KPLConfig.corrected if args.mode == "corrected" else KPLConfig.reference
-        config = make(seed=args.seed, **overrides)
-
-    # validate every cheap input (dataset, KB, template) before loading the model and encoding
-    _check_batch(args)
-    if args.template is not None and ("{class_name}" not in args.template or "{description}" not in args.template):
-        raise KPLInputError(f"--template {args.template!r} must contain {{class_name}} and {{description}}")
-    dataset = resolve_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed)
-    kb = resolve_kb(args.kb, dataset.name).select(dataset.class_names)
-    encoder = load_encoder(args.model, device=args.device, dtype=args.dtype)
-    if encoder.identity.is_standin:
-        print(STANDIN_BANNER)
-    emb = embed_dataset(dataset, encoder, cache=not args.no_cache, on_error=args.on_error,
-                        batch_size=args.batch_size, progress=_progress(args))
-    text = embed_knowledge(kb, encoder, emb.class_names, template=args.template or KPL_TEMPLATE,
-                           strict=args.strict_prompts, cache=not args.no_cache)
-    result = run_method(args.method, emb.embeddings, text, config=config)
-    meta = provenance(emb, text, kb, result, args.seed)
-
-    metrics = evaluate(emb.labels, result.predictions, emb.class_names, n_bootstrap=args.n_bootstrap,
-                       seed=args.seed)
-    mode = result.config.get("mode") if isinstance(result.config, dict) else None
-    method_name = f"{result.method} ({mode})" if mode else result.method
-    row = {**metrics, "dataset": emb.dataset, "method": method_name, "encoder": emb.encoder.label,
-           "kb": kb.kb_id}
-    print(_describe_encoder(emb.encoder))
-    print(f"dataset: {emb.dataset}: {len(emb)} images in {len(emb.class_names)} classes "
-          f"({', '.join(f'{c} {n}' for c, n in emb.counts().items())})")
-    if emb.skipped:
-        print(f"skipped {len(emb.skipped)} undecodable image(s) (listed in the log and in the metadata)")
-    print(f"knowledge base: {kb.kb_id} ({kb.method})")
-    if emb.cache_stats is not None:
-        s = emb.cache_stats
-        print(f"embedding cache: {s['hits']} hit(s), {s['misses']} miss(es)")
-    print()
-    with _pandas_wide():
-        print(results_table([row]).to_string(index=False))
-    if encoder.identity.is_standin:
-        print(STANDIN_BANNER)
-    if pred_path is not None:
-        meta_path = write_predictions(pred_path, emb, result, meta)
-        print(f"predictions: {pred_path} (metadata: {meta_path})")
+    configs = _configs(args, [args.method])
+    out_paths = _outputs(args.predictions, (".csv", ".json"), "--predictions"), _outputs(args.output, (".json",),
+                                                                                          "--output")
+    exp = run(_folder(args), args.method, _encoder(args), args.kb, configs, cache=not args.no_cache,
+              on_error=args.on_error, progress=_progress(args))
+    _print_metrics(exp)
+    if out_paths[0]:
+        write_predictions(out_paths[0], exp)
+    if out_paths[1]:
+        out_paths[1].write_text(json.dumps(exp.summary(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 
 
-class _pandas_wide:
-    def __enter__(self):
-        import pandas as pd
+def cmd_compare(args) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise KPLInputError(f"unknown method(s) {unknown} in --methods; known: {', '.join(METHODS)}")
+    configs = _configs(args, methods)
+    out = _outputs(args.output, (".csv",), "--output")
+    cmp = compare(_folder(args), methods, _encoder(args), args.kb, configs, reference=args.reference,
+                  cache=not args.no_cache, on_error=args.on_error, progress=_progress(args))
+    first = next(iter(cmp.experiments.values()))
+    print(f"{len(first.images)} images of {first.images.folder.name}, encoder {first.images.encoder.label}")
+    table = cmp.table()
+    print(_table(table))
+    if out:
+        table.to_csv(out)
+    return 0
 
-        self._ctx = pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 80)
-        self._ctx.__enter__()
 
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+def cmd_encode(args) -> int:
+    if any("." in k and v is not None for k, v in vars(args).items()) or args.mode:
+        raise KPLInputError("kpl encode runs no method: drop the method options")
+    if args.no_cache:
+        raise KPLInputError("kpl encode fills the embedding store; --no-cache makes it pointless")
+    emb = embed_images(_folder(args), _encoder(args), on_error=args.on_error, progress=_progress(args))
+    print(f"{len(emb)} images of {emb.folder.name} embedded with {emb.encoder.label}: {emb.stats.get('hits', 0)} "
+          f"from the store, {emb.stats.get('n_encoded', 0)} encoded; {len(emb.folder.skipped)} skipped")
+    return 0
 
 
-# ------------------------------------------------------------------------------------------------ predictions
-def _check_predictions_path(text: str | None) -> Path | None:
+def cmd_merge(args) -> int:
+    import pandas as pd
+
+    rows = []
+    for name in args.files:
+        try:
+            d = json.loads(Path(name).read_text(encoding="utf-8"))
+            rows.append({"dataset": d["dataset"], "method": d["method"], "model": d["model"],
+                         **{k: v for k, v in (d.get("metrics") or {}).items() if not isinstance(v, list)}})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KPLInputError(f"{name} is not a `kpl run --output` file ({exc})") from None
+    table = pd.DataFrame(rows).sort_values(["dataset", "method"]).reset_index(drop=True)
+    print(_table(table))
+    if args.output:
+        table.to_csv(_outputs(args.output, (".csv",), "--output"), index=False)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _outputs(text: str | None, suffixes: tuple[str, ...], flag: str) -> Path | None:
     if text is None:
         return None
     path = Path(text)
-    if path.suffix.lower() not in (".csv", ".json"):
-        raise KPLInputError(f"--predictions {text!r} must end in .csv or .json")
+    if path.suffix.lower() not in suffixes:
+        raise KPLInputError(f"{flag} {text!r} must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
-        raise KPLInputError(f"--predictions {text!r}: folder {path.parent} does not exist")
+        raise KPLInputError(f"{flag} {text!r}: folder {path.parent} does not exist")
     return path
 
 
-def _meta_path(path: Path) -> Path:
-    return path.with_name(path.stem + ".meta.json")
+def write_predictions(path: Path, exp: Experiment) -> None:
+    """Per-image predictions (CSV or JSON by suffix) and a ``<stem>.meta.json`` provenance sidecar.
 
-
-def _rel(path: str, root: str | None) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix() if root else Path(path).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
-
-
-def _jsonable(x: Any) -> Any:
-    import numpy as np
-    import torch
-
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def write_predictions(path: Path, emb, result, meta: dict) -> Path:
-    """Write per-image predictions (CSV or JSON, by suffix) and the ``<stem>.meta.json`` sidecar.
-
-    Deterministic: scores are rounded to 6 decimals, paths are relative to the dataset folder, and nothing in
-    either file depends on the date, the run time or the cache state.
+    Paths are relative to the dataset folder in :func:`kplib.io.datasets.display_path` form (undecodable bytes
+    escaped, never a crash); scores are the method's final logits with 9 significant digits, enough to reproduce the
+    float32 argmax. Both files are deterministic.
     """
-    root = meta.get("dataset_root")
-    names = list(emb.class_names)
-    labels = emb.labels.tolist()
-    preds = result.predictions.tolist()
-    scores = result.logits.float().tolist()
-    label = emb.encoder.label
-    records = []
-    for p, y, yhat, s in zip(emb.paths, labels, preds, scores):
-        records.append({"path": _rel(p, root), "true_class": names[y], "predicted_class": names[yhat],
-                        "scores": {c: round(float(v), _SCORE_DIGITS) for c, v in zip(names, s)}})
+    folder, names = exp.images.folder, exp.images.class_names
+    labels = folder.labels.tolist() if folder.labels is not None else [None] * len(folder)
+    scores = exp.result.logits.float().tolist()
+    records = [{"path": display_path(p, folder.root), "true_class": None if y is None else names[y],
+                "predicted_class": names[k], "scores": {c: float(f"{v:.9g}") for c, v in zip(names, s)}}
+               for p, y, k, s in zip(folder.paths, labels, exp.result.predictions.tolist(), scores)]
     if path.suffix.lower() == ".csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "true_class", "predicted_class", *[f"score_{c}" for c in names], "encoder"])
+        w.writerow(["path", "true_class", "predicted_class", *[f"score_{c}" for c in names]])
         for r in records:
-            w.writerow([r["path"], r["true_class"], r["predicted_class"],
-                        *[f"{r['scores'][c]:.{_SCORE_DIGITS}f}" for c in names], label])
+            w.writerow([r["path"], r["true_class"] or "", r["predicted_class"],
+                        *[f"{r['scores'][c]:.9g}" for c in names]])
         text = buf.getvalue()
     else:
-        text = json.dumps({"encoder": label, "is_standin": emb.encoder.is_standin, "class_names": names,
-                           "score": "final logits of the method (cosine similarities for the text-based methods)",
-                           "predictions": records}, indent=1, ensure_ascii=False) + "\n"
+        text = json.dumps({"encoder": exp.images.encoder.label, "class_names": names, "predictions": records},
+                          indent=1, ensure_ascii=False) + "\n"
     path.write_text(text, encoding="utf-8", newline="\n")
-    meta_path = _meta_path(path)
-    meta_path.write_text(json.dumps(_jsonable(meta), indent=1, ensure_ascii=False, sort_keys=True) + "\n",
-                         encoding="utf-8", newline="\n")
-    return meta_path
+    meta = path.with_name(path.stem + ".meta.json")
+    meta.write_text(json.dumps(exp.provenance(), indent=1, ensure_ascii=False, sort_keys=True, default=str) + "\n",
+                    encoding="utf-8", newline="\n")
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def _setup_logging(verbosity: int) -> tuple:
-    """Send kplib's log to stderr ("kpl: WARNING: ..."); returns the previous logger state to restore."""
-    saved = (list(log.handlers), log.level, log.propagate)
-    level = logging.WARNING if verbosity <= 0 else (logging.INFO if verbosity == 1 else logging.DEBUG)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kpl``: exit 0 on success, 1 when a check finds problems (audit, kb validate), 2 on bad input."""
+    args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("kpl: %(levelname)s: %(message)s"))
+    saved = (list(log.handlers), log.level, log.propagate)
     log.handlers[:] = [handler]
-    log.setLevel(level)
+    log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     log.propagate = False
-    # kplib logs every warning it raises (stand-in, truncated prompts, cache off): show each once, as a log line
-    from ..cache import CacheWarning
-    from ..encoders import PromptTruncationWarning
-
-    for category in (StandInWarning, PromptTruncationWarning, CacheWarning):
-        warnings.filterwarnings("ignore", category=category)
-    return saved
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kpl`` command. Returns the exit code (0 ok, 1 KB validation errors, 2 bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    with warnings.catch_warnings():
-        saved = _setup_logging(args.verbose)
-        try:
-            return int(args.func(args) or 0)
-        except KPLError as exc:
-            message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            print(f"kpl: error: {message}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:  # pragma: no cover
-            print("kpl: interrupted", file=sys.stderr)
-            return 130
-        finally:
-            log.handlers[:] = saved[0]
-            log.setLevel(saved[1])
-            log.propagate = saved[2]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StandInWarning)
+            code = int(args.func(args) or 0)
+        if any(issubclass(w.category, StandInWarning) for w in caught):
+            print(f"kpl: {STANDIN_LABEL.upper()} — not a result. Pass --model <hub id or folder> (or set KPL_MODEL) "
+                  "for real numbers.", file=sys.stderr)
+        return code
+    except KPLError as exc:
+        print("kpl: error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()),
+              file=sys.stderr)
+        return 2
+    finally:
+        log.handlers[:] = saved[0]
+        log.setLevel(saved[1])
+        log.propagate = saved[2]

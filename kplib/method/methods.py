@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,8 +34,11 @@ from torch import Tensor
 from ..errors import KPLInputError, fix
 from ..params import (Boolean, Interval, Options, check, check_descriptions, check_embeddings, param, unit,
                       validate)
+from .baselines import CLIPDNConfig, clip_dn as _clip_dn
+from .controls import CONTROLS
 from .proxy import ProxyLearningResult, harden, learn_proxies, predict, pseudo_labels
 from .text_proxy import TextProxies, build_text_proxies, per_image_text_logits
+from .transclip import TransCLIPConfig, transclip as _transclip
 from .transport import TRANSPORT_METHODS, TransportResult, class_marginal, transport
 
 __all__ = ["TextEmbeddings", "KPLConfig", "MethodResult", "MethodSpec", "METHODS", "run_method"]
@@ -121,7 +126,7 @@ class MethodResult:
 
     method: str
     class_names: list[str]
-    config: KPLConfig  # resolved: the mode's defaults filled in
+    config: Any  # the resolved KPLConfig (the mode's defaults filled in), or the baseline's own config
     predictions: Tensor  # (N,) int64
     logits: Tensor  # (N, C) final scores
     text: TextProxies | None = None  # stage 1 (or the class-name proxies of zero_shot / inmap)
@@ -132,6 +137,7 @@ class MethodResult:
     hardened: Tensor | None = None  # (N,) rows made one-hot
     proxy_learning: ProxyLearningResult | None = None
     no_transport_predictions: Tensor | None = None
+    details: Any = None  # a baseline's own result (TransCLIPResult, BaselineResult)
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # encoder, knowledge base, prompt (from TextEmbeddings.meta)
 
@@ -228,6 +234,28 @@ def kpl(x: Tensor, text: TextEmbeddings, cfg: KPLConfig, descriptions: str | Non
     return _stage2("kpl", x, stage1, cfg, text.class_names, timings)
 
 
+def waffle(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
+    """WaffleCLIP, inductive: each class's proxy averages its random-word prompts (``text.controls``)."""
+    w = torch.stack([unit(unit(d).mean(dim=0)) for d in _descriptions(x, text, "random_words")])
+    tp = TextProxies(proxies=w, logits=x @ w.T, scores=[], selected=[])
+    return MethodResult("waffle", text.class_names, cfg, tp.predictions, tp.logits, text=tp)
+
+
+def clip_dn(x: Tensor, text: TextEmbeddings, cfg: CLIPDNConfig) -> MethodResult:
+    """CLIP-DN: zero-shot with the unlabelled image mean and the text mean partly subtracted (:mod:`.baselines`)."""
+    names = _names_proxies(x, text)
+    res = _clip_dn(x, names.proxies, fraction=cfg.fraction, renormalize=cfg.renormalize)
+    return MethodResult("clip_dn", text.class_names, cfg, res.predictions, res.logits, text=names, details=res)
+
+
+def transclip(x: Tensor, text: TextEmbeddings, cfg: TransCLIPConfig) -> MethodResult:
+    """TransCLIP (zero-shot transductive): a Gaussian mixture with kNN Laplacian and KL to the text predictions."""
+    names = _names_proxies(x, text)
+    res = _transclip(x, names.proxies, config=cfg)
+    return MethodResult("transclip", text.class_names, cfg, res.predictions, res.probabilities, text=names,
+                        details=res)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One entry of :data:`METHODS`: the function, a one-line summary, and how ``mode`` applies."""
@@ -237,28 +265,57 @@ class MethodSpec:
     modes: bool = True  # the method has a reference and a corrected mode
     fixed_mode: str | None = None  # the name fixes the mode (kpl_reference, kpl_corrected)
     transport: str | None = None  # default transport when the config leaves it open (else the mode's)
+    config: type = KPLConfig  # the class of the method's switches
+    controls: bool = False  # needs TextEmbeddings.controls (the knowledge controls)
+    uses: frozenset[str] | None = None  # the config fields it reads (None: all)
+
+
+_NO_RETRIEVAL = frozenset(f.name for f in dataclasses.fields(KPLConfig)) - {"k", "k_rule", "retrieval"}
 
 
 METHODS: dict[str, MethodSpec] = {
-    "zero_shot": MethodSpec(zero_shot, "CLIP zero-shot with class-name prompts", modes=False),
-    "descriptor_mean": MethodSpec(descriptor_mean, "all descriptions of a class averaged, no learning", modes=False),
-    "inmap": MethodSpec(inmap, "InMaP: class names + balanced Sinkhorn + proxy learning", transport="inmap_sinkhorn"),
+    "zero_shot": MethodSpec(zero_shot, "CLIP zero-shot with class-name prompts", modes=False, uses=frozenset()),
+    "descriptor_mean": MethodSpec(descriptor_mean, "all descriptions of a class averaged, no learning", modes=False,
+                                  uses=frozenset()),
+    "waffle": MethodSpec(waffle, "WaffleCLIP: random-word prompts averaged, no learning", modes=False, controls=True,
+                         uses=frozenset({"seed"})),
+    "clip_dn": MethodSpec(clip_dn, "CLIP-DN: zero-shot with distribution normalisation", modes=False,
+                          config=CLIPDNConfig),
+    "transclip": MethodSpec(transclip, "TransCLIP: transductive Gaussian mixture + kNN Laplacian", modes=False,
+                            config=TransCLIPConfig),
+    "inmap": MethodSpec(inmap, "InMaP: class names + balanced Sinkhorn + proxy learning", transport="inmap_sinkhorn",
+                        uses=_NO_RETRIEVAL),
     "kpl": MethodSpec(kpl, "KPL in the config's mode (reference by default)"),
     "kpl_reference": MethodSpec(kpl, "KPL as the authors' code computes it", fixed_mode="reference"),
     "kpl_corrected": MethodSpec(kpl, "KPL as the method intends", fixed_mode="corrected"),
+    **{f"kpl_{c}": MethodSpec(partial(kpl, descriptions=c), f"KPL with the {c.replace('_', ' ')} knowledge control",
+                              controls=True) for c in CONTROLS},
 }
 
 
-def resolve_config(method: str, config: KPLConfig | None = None, **overrides) -> KPLConfig:
-    """The config ``method`` runs with: ``config`` plus ``overrides``, validated, the mode's defaults filled in."""
+def _pick_config(method: str, spec: MethodSpec, config: Any):
+    """The config of ``spec``'s class: ``config`` itself, the first of its class in a sequence, or the default."""
+    if config is None:
+        return spec.config()
+    if isinstance(config, (list, tuple)):
+        return next((c for c in config if isinstance(c, spec.config)), spec.config())
+    if not isinstance(config, spec.config):
+        raise KPLInputError(f"method {method!r} takes a {spec.config.__name__}, got {type(config).__name__}")
+    return config
+
+
+def resolve_config(method: str, config: Any = None, **overrides) -> Any:
+    """The config ``method`` runs with: ``config`` (its class, or a sequence holding one) plus ``overrides``,
+    validated, the mode's defaults filled in."""
     spec = METHODS[check("method", method, Options(*METHODS))]
-    if config is not None and not isinstance(config, KPLConfig):
-        raise KPLInputError(f"config must be a kplib KPLConfig or None, got {type(config).__name__}")
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(KPLConfig)})
+    cfg = _pick_config(method, spec, config)
+    valid = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        valid = [f.name for f in dataclasses.fields(KPLConfig)]
-        raise KPLInputError(f"unknown KPLConfig field(s) {unknown}; valid fields: {valid}")
-    cfg = dataclasses.replace(config or KPLConfig(), **overrides)
+        raise KPLInputError(f"unknown {type(cfg).__name__} field(s) {unknown}; valid fields: {valid}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    if not isinstance(cfg, KPLConfig):
+        return cfg
     if cfg.mode is not None and (not spec.modes or spec.fixed_mode not in (None, cfg.mode)):
         why = f"fixes mode={spec.fixed_mode!r}" if spec.modes else "has no modes"
         raise KPLInputError(f"method {method!r} {why}, so mode={cfg.mode!r} does not apply; drop it "
@@ -277,10 +334,12 @@ def resolve_config(method: str, config: KPLConfig | None = None, **overrides) ->
         normalize_rows=(mode == "corrected") if cfg.normalize_rows is None else cfg.normalize_rows)
 
 
-def run_method(method: str, image_embeddings: Tensor, text: TextEmbeddings, config: KPLConfig | None = None,
+def run_method(method: str, image_embeddings: Tensor, text: TextEmbeddings, config: Any = None,
                **overrides) -> MethodResult:
     """Run one of :data:`METHODS` on image embeddings (N, d) and encoded text; ``overrides`` replace config fields.
 
+    ``config`` is the method's config (:class:`KPLConfig`, or ``TransCLIPConfig`` / ``CLIPDNConfig`` for those
+    baselines), or a sequence of configs from which each method takes the one of its class (as :func:`compare` does).
     The images are L2-normalised first, as the released code does after encoding.
     """
     cfg = resolve_config(method, config, **overrides)

@@ -1,0 +1,369 @@
+"""From image files and a knowledge base to a method result: the one orchestration path of the API and ``kpl run``.
+
+::
+
+    images = embed_images(dataset, encoder)                 # read, hash, look up the store, decode + encode misses
+    text = embed_knowledge(kb, encoder, images.class_names)  # prompts of every description, class-name prompts
+    result = run_method(method, images.embeddings, text, config)
+
+:func:`run` does these three steps and the evaluation; :func:`compare` runs several methods on the same embeddings
+and tests their differences on the same images. Every image file is read once and decoded at most once: its bytes are
+hashed into a content key, and only keys the embedding store does not know are decoded and encoded. Nothing is ever
+written into the data folder.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import ImageDecodeError, KPLInputError, fix
+from .io.audit import find_leaks
+from .io.datasets import ImageFolder, display_path, load_dataset, registry, unreadable_error
+from .io.encoders import Encoder, EncoderIdentity, load_encoder
+from .io.images import DECODE_VERSION, decode_image, read_bytes
+from .io.descriptors import dclip_imagenet_kb
+from .io.knowledge import KPL_TEMPLATE, KnowledgeBase, generic_descriptions, load_kb
+from .io.store import EmbeddingStore, content_key, text_key
+from .method import metrics
+from .method.controls import CONTROLS, control_descriptions
+from .method.methods import METHODS, KPLConfig, MethodResult, TextEmbeddings, run_method
+
+__all__ = ["DEFAULT_NAME_TEMPLATES", "EmbeddingSet", "Experiment", "Comparison", "embed_images", "embed_knowledge",
+           "run", "compare"]
+
+log = logging.getLogger("kplib")
+
+#: Class-name prompts of the zero-shot baseline (a small template ensemble, averaged per class).
+DEFAULT_NAME_TEMPLATES = ("a photo of a {}.", "a medical image of a {}.", "an image showing a {}.",
+                          "a close-up photo of a {}.")
+_CHUNK = 256  # files read, hashed and decoded at a time: bounds the memory held for one round trip to the store
+
+
+@dataclass
+class EmbeddingSet:
+    """Image embeddings of a folder: row ``i`` is ``folder.paths[i]`` (unreadable files are in ``folder.skipped``)."""
+
+    folder: ImageFolder
+    embeddings: Tensor  # (N, d) float32 unit rows
+    encoder: EncoderIdentity
+    stats: dict = field(default_factory=dict)  # store hits/misses, images encoded
+
+    labels = property(lambda self: self.folder.labels)
+    class_names = property(lambda self: self.folder.class_names)
+    paths = property(lambda self: self.folder.paths)
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def _read(paths: Sequence[Path]) -> tuple[list[bytes | None], list[tuple[Path, str]]]:
+    datas, bad = [], []
+    for p in paths:
+        try:
+            datas.append(read_bytes(p))
+        except ImageDecodeError as exc:
+            datas.append(None)
+            bad.append((p, exc.reason))
+    return datas, bad
+
+
+def _encode_chunk(paths, datas, store, encoder, stop_encoding: bool, max_pixels) -> tuple[dict, list, list, int]:
+    """Rows of one chunk of files: from the store, else decoded and encoded (unless ``stop_encoding``).
+
+    Returns the rows by position, the undecodable files, the content keys and how many images were encoded."""
+    keys = [content_key(d) if d is not None else None for d in datas]
+    known = [i for i, k in enumerate(keys) if k is not None]
+    rows: dict[int, Tensor] = {}
+    if store is not None and known:
+        found, got = store.get([keys[i] for i in known])
+        rows = {i: got[j] for j, i in enumerate(known) if found[j]}
+    images, todo, bad = [], [], []
+    for i in known:
+        if i not in rows:
+            try:
+                images.append(decode_image(datas[i], paths[i], max_pixels=max_pixels))
+                todo.append(i)
+            except ImageDecodeError as exc:
+                bad.append((paths[i], exc.reason))
+    if todo and not stop_encoding:
+        new = encoder.encode_images(images)
+        rows.update(zip(todo, new))
+        if store is not None:
+            store.put([keys[i] for i in todo], new)
+    return rows, bad, keys, 0 if stop_encoding else len(todo)
+
+
+def embed_images(dataset, encoder: Encoder, cache: bool = True, on_error: str = "stop", progress: bool = False,
+                 max_pixels: int | None = None) -> EmbeddingSet:
+    """Encode every image of ``dataset`` (a registered name, a folder or an :class:`ImageFolder`).
+
+    Files go through in chunks: read once, keyed by the sha256 of their bytes, looked up in the embedding store
+    (namespace: the encoder's :meth:`~kplib.io.encoders.Encoder.namespace` and the decoder version), and only misses
+    are decoded and encoded; new rows are stored. ``on_error="stop"`` raises one error listing every unreadable file
+    (after checking them all; rows encoded before the first failure are kept in the store); ``"skip"`` leaves them
+    out, in ``folder.skipped``. Byte-identical files filed under different classes are reported (a labelling leak).
+    """
+    if on_error not in ("stop", "skip"):
+        raise KPLInputError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
+    store = EmbeddingStore({**encoder.namespace("image"), "decode": DECODE_VERSION}) if cache else None
+    rows, bad, keys, encoded = {}, [], [], 0
+    with tqdm(total=len(folder), desc=f"embedding {folder.name}", unit="img", disable=not progress) as bar:
+        for start in range(0, len(folder), _CHUNK):
+            paths = folder.paths[start:start + _CHUNK]
+            datas, unreadable = _read(paths)
+            got, undecodable, chunk_keys, n = _encode_chunk(paths, datas, store, encoder,
+                                                            on_error == "stop" and bool(bad or unreadable), max_pixels)
+            rows.update({start + i: r for i, r in got.items()})
+            bad, keys, encoded = bad + unreadable + undecodable, keys + chunk_keys, encoded + n
+            bar.update(len(paths))
+    if bad and on_error == "stop":
+        raise unreadable_error(bad, len(folder))
+    leaks = find_leaks(folder, keys)
+    if leaks.cross_class or leaks.aliases:
+        log.warning("%s\n(`kpl audit %s` lists every finding)", leaks.message(), display_path(folder.root))
+    kept = folder.without(bad) if bad else folder
+    if bad:
+        log.warning("%s", kept.skipped_summary())
+    index = {p: i for i, p in enumerate(folder.paths)}
+    emb = torch.stack([rows[index[p]] for p in kept.paths]) if kept.paths else torch.empty(0, encoder.embed_dim)
+    stats = {"n_images": len(kept), "n_encoded": encoded, **(store.stats.as_dict() if store else {})}
+    return EmbeddingSet(folder=kept, embeddings=emb.float(), encoder=encoder.identity, stats=stats)
+
+
+# ------------------------------------------------------------------------------------------------ text side
+def _encode_texts(encoder: Encoder, texts: list[str], cache: bool) -> Tensor:
+    if not texts or not cache:
+        return encoder.encode_texts(texts)
+    store = EmbeddingStore(encoder.namespace("text"))
+    keys = [text_key(t) for t in texts]
+    found, rows = store.get(keys)
+    missing = [i for i in range(len(texts)) if not found[i]]
+    if missing:
+        new = encoder.encode_texts([texts[i] for i in missing])
+        store.put([keys[i] for i in missing], new)
+        rows = rows if rows.shape[1] == new.shape[1] else torch.zeros(len(texts), new.shape[1])
+        rows[missing] = new
+    return rows
+
+
+def _prompts(template: str, display: Sequence[str], descriptions: Sequence[Sequence[str]]) -> list[str]:
+    return [template.format(class_name=shown, description=text) for shown, texts in zip(display, descriptions)
+            for text in texts]
+
+
+def _per_class(flat: Tensor, descriptions: Sequence[Sequence[str]]) -> list[Tensor]:
+    return list(flat.split([len(texts) for texts in descriptions]))
+
+
+def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encoder, class_names: Sequence[str],
+                    display_names: Sequence[str] | None = None, template: str = KPL_TEMPLATE,
+                    name_templates: Sequence[str] = DEFAULT_NAME_TEMPLATES, controls: bool = False, seed: int = 0,
+                    modality: str | None = None, cache: bool = True) -> TextEmbeddings:
+    """Encode a knowledge base for ``class_names`` (in that order) into :class:`TextEmbeddings`.
+
+    Description prompts are ``template`` filled with each class's display name and description (kpl-method.md,
+    Stage 1 step 1); class-name prompts fill each of ``name_templates``. ``kb=None`` encodes class names only (for
+    ``zero_shot``). ``controls=True`` also encodes the knowledge controls (:mod:`kplib.method.controls`, seeded by
+    ``seed``; ``generic`` needs the ``modality``, else it is left out). Prompts longer than the text context are
+    truncated as CLIP does, with a warning naming the class and description.
+    """
+    if "{class_name}" not in template or "{description}" not in template:
+        raise KPLInputError(f"template {template!r} must contain '{{class_name}}' and '{{description}}'")
+    if not name_templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in name_templates):
+        raise KPLInputError(f"name_templates must be strings with one '{{}}' each, got {list(name_templates)!r}")
+    kb = None if kb is None else (kb if isinstance(kb, KnowledgeBase) else load_kb(kb)).select(list(class_names))
+    display = list(display_names or (kb.display_names if kb is not None else class_names))
+    descriptions = kb.descriptions() if kb is not None else [[] for _ in class_names]
+    prompts = _prompts(template, display, descriptions)
+    _warn_long(encoder, prompts, [f"class {c!r}, description {m}" for c, texts in zip(class_names, descriptions)
+                                  for m in range(len(texts))])
+    names = [t.format(shown) for shown in display for t in name_templates]
+    text = TextEmbeddings(
+        class_names=list(class_names),
+        name_embeddings=_encode_texts(encoder, names, cache).reshape(len(display), len(name_templates), -1),
+        description_embeddings=_per_class(_encode_texts(encoder, prompts, cache), descriptions),
+        descriptions=descriptions, templates=list(name_templates),
+        meta={"encoder": encoder.identity.to_dict(), "encoder_label": encoder.identity.label,
+              "kb_id": kb.kb_id if kb else None, "kb_method": kb.method if kb else None,
+              "kb_origin": kb.origin if kb else None, "template": template, "display_names": display})
+    if controls and kb is not None:
+        generic = generic_descriptions(modality) if modality else None
+        for name in CONTROLS:
+            if name == "generic" and generic is None:
+                continue
+            texts = control_descriptions(name, descriptions, seed=seed, generic=generic)
+            text.controls[name] = _per_class(_encode_texts(encoder, _prompts(template, display, texts), cache), texts)
+        text.meta["controls"] = {"names": sorted(text.controls), "seed": seed, "modality": modality}
+    return text
+
+
+def _warn_long(encoder: Encoder, prompts: list[str], labels: list[str]) -> None:
+    long = [(lab, n) for lab, n in zip(labels, encoder.token_lengths(prompts)) if n > encoder.context_length]
+    if long:
+        log.warning("%d prompt(s) exceed the text encoder's %d tokens and are truncated as CLIP does (`kpl kb "
+                    "validate` lists them): %s", len(long), encoder.context_length,
+                    "; ".join(f"{lab}: {n} tokens" for lab, n in long[:5]))
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+@dataclass
+class Experiment:
+    """One method on one set of images, with everything that produced it (results nest, nothing is copied)."""
+
+    result: MethodResult
+    images: EmbeddingSet
+    text: TextEmbeddings
+    kb: KnowledgeBase | None
+    metrics: dict | None  # None for unlabelled images
+
+    def provenance(self) -> dict:
+        """Deterministic record of what produced the result (no dates, timings or store statistics)."""
+        config = self.result.config
+        return {"dataset": self.images.folder.describe(), "encoder": self.images.encoder.to_dict(),
+                "kb": {"kb_id": self.text.meta.get("kb_id"), "method": self.text.meta.get("kb_method"),
+                       "origin": self.text.meta.get("kb_origin")},
+                "template": self.text.meta.get("template"), "method": self.result.method,
+                "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                "controls": self.text.meta.get("controls"), "kplib": __version__, "torch": torch.__version__}
+
+    def summary(self) -> dict:
+        """``{dataset, model, method, config, metrics}``, the shape of LAION clip_benchmark's result files."""
+        keep = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci", "n")
+        prov = self.provenance()
+        return {"dataset": self.images.folder.name, "model": self.images.encoder.label, "method": self.result.method,
+                "is_standin": self.images.encoder.is_standin, "kb": prov["kb"]["kb_id"], "config": prov["config"],
+                "metrics": None if self.metrics is None else {k: _plain(self.metrics[k]) for k in keep
+                                                              if k in self.metrics},
+                "date": _dt.date.today().isoformat()}
+
+
+def _plain(value):
+    return [float(v) for v in value] if isinstance(value, (tuple, list)) else float(value)
+
+
+def _default_kb(folder: ImageFolder, method: str) -> KnowledgeBase | None:
+    """The registered dataset's curated knowledge base (ImageNet sample: DCLIP's published descriptors)."""
+    info = registry().get(folder.name)
+    if info is not None and info.kb is not None:
+        return load_kb(info.kb)
+    if info is not None and info.name == "imagenet_sample":
+        return dclip_imagenet_kb()
+    if method != "zero_shot":
+        raise KPLInputError(f"no knowledge base given and {folder.name!r} has no curated one; pass one "
+                            + fix(cli="--kb FILE_OR_NAME", python="kb='FILE_OR_NAME'")
+                            + " (`kpl kb list` shows the curated ones; only zero_shot runs without a knowledge base)")
+    return None
+
+
+def _seed(config) -> int:
+    """The seed of ``config`` (or of the first config in a sequence that has one); 0 without."""
+    configs = config if isinstance(config, (list, tuple)) else [config]
+    return next((c.seed for c in configs if hasattr(c, "seed")), 0)
+
+
+def _prepare(dataset, encoder, kb, method_names: Sequence[str], config: KPLConfig | None, cache: bool,
+             on_error: str, progress: bool, controls: bool):
+    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
+    folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
+    if kb is None:
+        kb = _default_kb(folder, "zero_shot" if set(method_names) <= {"zero_shot"} else "kpl")
+    elif not isinstance(kb, KnowledgeBase):
+        kb = load_kb(kb)
+    images = embed_images(folder, enc, cache=cache, on_error=on_error, progress=progress)
+    seed = _seed(config)
+    text = embed_knowledge(kb, enc, images.class_names, display_names=None if kb else images.folder.display_names,
+                           controls=controls, seed=seed, modality=kb.modality if kb else None, cache=cache)
+    return images, text, kb
+
+
+def _evaluate(images: EmbeddingSet, result: MethodResult, seed: int) -> dict | None:
+    if images.labels is None:
+        return None
+    return metrics.evaluate(images.labels, result.predictions, images.class_names, seed=seed)
+
+
+def run(dataset, method: str = "kpl_corrected", encoder: Encoder | str = "auto", kb=None,
+        config=None, *, cache: bool = True, on_error: str = "stop",
+        progress: bool = False) -> Experiment:
+    """Run one method end to end: embed the images and the knowledge base, run the method, evaluate.
+
+    Parameters
+    ----------
+    dataset : str, path or ImageFolder
+        A registered dataset, an image folder (``<class>/<image>``), or an :class:`ImageFolder` from
+        :func:`kplib.io.datasets.load_dataset` (e.g. unlabelled images with ``classes=``, a seeded subset).
+    method : str
+        One of :data:`kplib.method.methods.METHODS`.
+    encoder : Encoder or str
+        An encoder from :func:`kplib.io.encoders.load_encoder`, or what to load (hub id, folder, ``"standin"``,
+        ``"auto"``).
+    kb : KnowledgeBase, str or path, optional
+        Default: the dataset's curated knowledge base; ``zero_shot`` runs without one.
+    config : KPLConfig, optional
+        The method's switches (default: the method's defaults).
+    """
+    spec = METHODS[method] if method in METHODS else None
+    controls = bool(spec and spec.controls)
+    images, text, kb = _prepare(dataset, encoder, kb, [method], config, cache, on_error, progress, controls)
+    result = run_method(method, images.embeddings, text, config)
+    return Experiment(result, images, text, kb, _evaluate(images, result, _seed(config)))
+
+
+@dataclass
+class Comparison:
+    """Several methods on the same embeddings, and each one's paired difference to ``reference``."""
+
+    experiments: dict[str, Experiment]
+    reference: str
+    paired: dict[str, metrics.PairedComparison]  # method -> (method - reference) on the same labelled images
+
+    def table(self) -> pd.DataFrame:
+        """One row per method: accuracy, balanced accuracy, macro-F1, and the paired test against the reference."""
+        rows = []
+        for name, exp in self.experiments.items():
+            row = {"method": name}
+            if exp.metrics is not None:
+                row.update({k: exp.metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+            pair = self.paired.get(name)
+            if pair is not None:
+                row.update({f"Δ vs {self.reference}": pair.difference, "Δ 95% CI": pair.difference_ci,
+                            "McNemar p": pair.p_value})
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("method")
+
+
+def compare(dataset, methods: Sequence[str], encoder: Encoder | str = "auto", kb=None,
+            config=None, *, reference: str | None = None, cache: bool = True,
+            on_error: str = "stop", progress: bool = False, n_bootstrap: int = 1000) -> Comparison:
+    """Run ``methods`` on the same images and knowledge base; test each against ``reference`` (default: the first)
+    on the same images (paired bootstrap interval of the accuracy difference and exact McNemar test)."""
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise KPLInputError("compare needs at least one method " + fix(cli="--methods a,b,c", python="methods=[...]"))
+    reference = reference or methods[0]
+    if reference not in methods:
+        raise KPLInputError(f"reference {reference!r} must be one of the compared methods {methods}")
+    controls = any(METHODS[m].controls for m in methods if m in METHODS)
+    images, text, kb = _prepare(dataset, encoder, kb, methods, config, cache, on_error, progress, controls)
+    seed = _seed(config)
+    exps = {}
+    for m in methods:
+        result = run_method(m, images.embeddings, text, config)
+        exps[m] = Experiment(result, images, text, kb, _evaluate(images, result, seed))
+    paired = {}
+    if images.labels is not None:
+        ref = exps[reference].result.predictions
+        paired = {m: metrics.paired_comparison(images.labels, e.result.predictions, ref, n_bootstrap=n_bootstrap,
+                                               seed=seed) for m, e in exps.items() if m != reference}
+    return Comparison(exps, reference, paired)
