@@ -198,7 +198,11 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encod
               "kb_id": kb.kb_id if kb else None, "kb_method": kb.method if kb else None,
               "kb_origin": kb.origin if kb else None, "template": template, "display_names": display})
     if controls and kb is not None:
-        generic = generic_descriptions(modality) if modality else None
+        try:
+            generic = generic_descriptions(modality) if modality else None
+        except KPLInputError as exc:  # a modality without a generic family: that one control is left out
+            log.warning("knowledge control 'generic' left out: %s", exc)
+            generic = None
         for name in CONTROLS:
             if name == "generic" and generic is None:
                 continue

@@ -179,7 +179,8 @@ def _table(df) -> str:
 
 def _print_metrics(exp: Experiment) -> None:
     m = exp.metrics
-    print(f"{exp.result.method} on {exp.images.folder.name}: {len(exp.images)} images, encoder {exp.images.encoder.label}")
+    print(f"{exp.result.method} on {exp.images.folder.name}: {len(exp.images)} images, "
+          f"encoder {exp.images.encoder.label}")
     if m is None:
         print("unlabelled images: no metrics (write the predictions with --predictions)")
         return

@@ -52,7 +52,8 @@ def control_descriptions(control: str, descriptions: Sequence[Sequence[str]], se
                          generic: Sequence[str] | None = None) -> list[list[str]]:
     """The description texts of ``control`` for classes whose real descriptions are ``descriptions``.
 
-    ``random_words`` draws one random descriptor per real description, with the same word count; ``generic`` needs the modality's ``generic`` list (the same for every class).
+    ``random_words`` draws one random descriptor per real description, with the same word count; ``generic``
+    needs the modality's ``generic`` list (the same for every class).
     """
     if control == "random_words":  # one random descriptor per description, with its word count
         return [random_descriptors(len(texts), word_counts=[max(1, len(t.split())) for t in texts],

@@ -171,8 +171,9 @@ def _names_proxies(x: Tensor, text: TextEmbeddings) -> TextProxies:
 def _descriptions(x: Tensor, text: TextEmbeddings, which: str | None = None) -> list[Tensor]:
     descs = text.description_embeddings if which is None else text.controls.get(which)
     if descs is None:
-        raise KPLInputError(f"text.controls has no {which!r} description set; build it with "
-                            "kplib.pipeline.embed_knowledge(..., controls=True)")
+        raise KPLInputError(f"text.controls has no {which!r} description set: build the text side with "
+                            "kplib.pipeline.embed_knowledge(..., controls=True) ('generic' also needs a modality with "
+                            "generic descriptions)")
     if len(descs) != len(text.class_names):
         raise KPLInputError(f"the description embeddings hold {len(descs)} classes but text.class_names has "
                             f"{len(text.class_names)}; they must describe the same classes in the same order")
