@@ -1,4 +1,4 @@
-"""kplib.widgets: the playground widget recomputes and redraws on every change; the static panels stand in for it."""
+"""kplib.book.widgets: the playground widget recomputes and redraws on every change; the static panels stand in for it."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ from kplib.errors import KPLInputError
 
 pytest.importorskip("ipywidgets")
 
-from kplib import widgets  # noqa: E402
+from kplib.book import widgets  # noqa: E402
 
 SMALL = {"n_images": 120, "dim": 48}
 
