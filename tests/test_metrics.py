@@ -340,6 +340,7 @@ def test_compact_table_several_datasets():
     rows = _rows()
     t = compact_table(rows, metrics=["accuracy"])
     assert list(t.columns) == ["a", "b"] and list(t.index) == ["m1", "m2", "majority_class"]
+    assert t.equals(compact_table(rows, "accuracy"))  # one metric may be named alone
     both = compact_table(rows, metrics=["accuracy", "macro_f1"])
     assert both.columns.tolist() == [("a", "accuracy"), ("a", "macro-F1"), ("b", "accuracy"), ("b", "macro-F1")]
     with pytest.raises(KPLInputError, match="exactly one encoder"):

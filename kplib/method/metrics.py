@@ -264,8 +264,8 @@ def compact_table(rows: list[dict], metrics: Sequence[str] = ("accuracy", "balan
     ``table.style.set_caption(table.attrs["caption"])``). Reference lines that use no model (``encoder`` starting
     with ``"none"``: majority class, chance) sit beside the methods; rows of more than one model encoder are refused.
     """
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metrics or any(m not in METRICS for m in metrics):
         raise KPLInputError(f"metrics must be a non-empty list from {list(METRICS)}, got {list(metrics)}")
     raw = results_table(rows, raw=True)
     encoders = sorted({e for e in raw["encoder"] if not e.lower().startswith("none")})
