@@ -76,6 +76,7 @@ def test_setup_announces_the_standin_once(shell, tmp_path):
     assert chapter.encoder.identity.is_standin and not chapter.is_pretrained and chapter.label == STANDIN
     banners = [h for h in _html(cap.outputs) if "kpl-encoder-banner" in h]
     assert len(cap.outputs) == 1 and len(banners) == 1 and "UNTRAINED" in banners[0] and "toy" in banners[0]
+    assert "selected explicitly" in banners[0]  # the banner says why the stand-in runs
     said = cap.stdout + cap.stderr
     assert not re.search(r"UNTRAINED|STAND-IN|meaningless", said, re.I), said  # no log line, no warning text
     assert not [w for w in caught if issubclass(w.category, StandInWarning)]

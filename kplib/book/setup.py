@@ -36,11 +36,11 @@ QUIET_LOGGERS = ("transformers", "huggingface_hub", "urllib3", "httpx", "fileloc
 REAL_IMAGES_NOTE = ("computed with the stand-in encoder, this section only shows that the code runs; with a pretrained "
                     "CLIP checkpoint (set <code>KPL_MODEL</code> and re-run the notebook) it shows the real result.")
 _BANNERS = {  # caption → (admonition class, colour, what the reader must know)
-    STANDIN_CAPTION: ("danger", CAPTION_COLOR, "A randomly initialised CLIP produced the numbers on this page: they "
+    STANDIN_CAPTION: ("danger", CAPTION_COLOR, ("A randomly initialised CLIP produced the numbers on this page: they "
                       "exercise the code and mean nothing about CLIP, KPL or medicine. Set <code>KPL_MODEL</code> to a "
-                      "pretrained checkpoint for real numbers."),
-    SIMULATED_CAPTION: ("warning", "#b35900", "The embeddings on this page are SIMULATED (known ground truth): they "
-                        "show mechanisms and measure no real model."),
+                      "pretrained checkpoint for real numbers.")),
+    SIMULATED_CAPTION: ("warning", "#b35900", ("The embeddings on this page are SIMULATED (known ground truth): they "
+                        "show mechanisms and measure no real model.")),
     None: ("tip", "#1a5e20", "The numbers on this page were produced by this pretrained encoder."),
 }
 
@@ -51,13 +51,13 @@ class _Stdout(logging.StreamHandler):
     stream = property(lambda self: sys.stdout, lambda self, value: None)
 
 
-def banner(label: str, dataset: str | None = None) -> HTML:
-    """The chapter's encoder banner: an admonition naming the encoder, red for the untrained stand-in."""
+def banner(label: str, dataset: str | None = None, why: str | None = None) -> HTML:
+    """The chapter's encoder banner: an admonition naming the encoder (red for the untrained stand-in) and ``why``."""
     kind, colour, note = _BANNERS[caption_for(label)]
     where = f" on {html.escape(dataset)}" if dataset else ""
     return HTML(f'<div class="admonition {kind} kpl-encoder-banner" style="border-left:0.3em solid {colour}">'
                 f'<p class="admonition-title" style="color:{colour}">Encoder: {html.escape(label)}{where}</p>'
-                f"<p>{note}</p></div>")
+                f"<p>{note}</p>" + (f"<p><small>{html.escape(why)}</small></p>" if why else "") + "</div>")
 
 
 def quiet() -> None:
@@ -133,8 +133,8 @@ def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: st
 
     ``model``: ``"auto"`` (``$KPL_MODEL``, else the untrained stand-in), a checkpoint (hub id or folder),
     ``"standin"``, or ``"simulated"`` (no encoder loaded). ``output_dir`` is created; ``None``: figures are not
-    saved. ``dataset`` is named in the banner. The stand-in's warning and log line are silenced while it loads: the
-    banner is its one announcement.
+    saved. ``dataset`` is named in the banner. The stand-in's warning and log line are kept from the page while it
+    loads: the banner is its one announcement, and says why the stand-in was used.
     """
     quiet()
     if get_ipython() is not None:
@@ -142,9 +142,9 @@ def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: st
     print(f"python {platform.python_version()} | torch {torch.__version__} | transformers {version('transformers')} "
           f"| kplib {__version__}")
     encoder, log = None, logging.getLogger("kplib")
-    if model != "simulated":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", StandInWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StandInWarning)
+        if model != "simulated":
             log.disabled = True
             try:
                 encoder = load_encoder(model)
@@ -154,5 +154,6 @@ def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: st
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     chapter = Chapter(SIMULATED_ENCODER if encoder is None else encoder.identity.label, encoder, folder, dataset)
-    display(banner(chapter.label, dataset))
+    display(banner(chapter.label, dataset, " ".join(str(w.message) for w in caught
+                                                    if issubclass(w.category, StandInWarning))))
     return chapter

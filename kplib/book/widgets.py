@@ -9,9 +9,9 @@ from functools import lru_cache
 from typing import Any
 
 import ipywidgets as w
-from IPython.display import display
 import numpy as np
 import pandas as pd
+from IPython.display import display
 from matplotlib.figure import Figure
 
 from ..errors import KPLInputError
@@ -148,7 +148,7 @@ def knob_panel(knob: str, values: Sequence | None = None, methods: Sequence[str]
         raise KPLInputError(f"show_method {show_method!r} must be one of the methods run: {methods}")
     if not values or not methods:
         raise KPLInputError(f"values and methods for knob {knob!r} must be non-empty")
-    rows, shown, size = [], [], dict(n_images=n_images, dim=dim, seed=seed, base=base)
+    rows, shown, size = [], [], {"n_images": n_images, "dim": dim, "seed": seed, "base": base}
     for value in values:
         for method in [value] if knob == "method" else methods:
             run = simulate_and_run(**size, **{**fixed, knob: value, "method": method})
@@ -189,7 +189,7 @@ class Playground:
     def __init__(self, n_images: int = _SIZE["n_images"], dim: int = _SIZE["dim"], seed: int = 0,
                  base: str = BASE_PRESET, knobs: Sequence[str] | None = None, **initial: Any):
         shown = list(KNOBS) if knobs is None else [check("knobs[...]", k, Options(*KNOBS)) for k in knobs]
-        self.size = dict(n_images=int(n_images), dim=int(dim), seed=int(seed), base=base)
+        self.size = {"n_images": int(n_images), "dim": int(dim), "seed": int(seed), "base": base}
         start = _check(initial)
         lo = np.ceil(min_gap(int(n_images), int(dim), int(seed), base) * 100) / 100
         if start["gap"] < lo:
