@@ -301,9 +301,9 @@ def test_compare_modes_shows_row_scale_hardening_and_pull(modes):
         A.compare_modes(res, world.image_embeddings[:10], world.labels)
 
 
-def test_proxy_travel_starts_at_the_text_proxies(modes):
+def test_proxy_image_cosines_start_at_the_text_proxies(modes):
     world, res = modes
-    steps, cos = A.proxy_travel(res["reference"], world.image_embeddings)
+    steps, cos = A.proxy_image_cosines(res["reference"], world.image_embeddings)
     assert cos.shape == (len(res["reference"].proxy_learning.trajectory), 3)
     assert list(steps[:3]) == [0, 20, 40] and steps[-1] == 100
     mean_image = F.normalize(world.image_embeddings.double().mean(0), dim=0)

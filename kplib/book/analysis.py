@@ -365,7 +365,7 @@ def compare_modes(results: Mapping[str, Any], image_embeddings: Any, labels: Any
     return pd.DataFrame(rows)
 
 
-def proxy_travel(result: Any, image_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
+def proxy_image_cosines(result: Any, image_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
     """Iteration of each proxy snapshot and the (S, C) cosines between the snapshots and the mean image: did
     proxy learning move the proxies towards the images?"""
     snaps = getattr(result.proxy_learning, "trajectory", None)

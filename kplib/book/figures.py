@@ -338,10 +338,10 @@ def hardening(results: Mapping[str, Any], *, encoder: Any) -> Figure:
 
 
 def proxy_travel(results: Mapping[str, Any], image_emb: Any, *, encoder: Any) -> Figure:
-    """Cosine between each class proxy and the mean image during proxy learning (:func:`.analysis.proxy_travel`)."""
+    """Cosine of each class proxy with the mean image during proxy learning (:func:`.analysis.proxy_image_cosines`)."""
     fig, axes = _axes(5 * len(results), 3.6, 1, len(results), sharey=True)
     for ax, (name, res) in zip(axes, results.items()):
-        steps, cos = analysis.proxy_travel(res, image_emb)
+        steps, cos = analysis.proxy_image_cosines(res, image_emb)
         for c, cls in enumerate(res.class_names):
             ax.plot(steps, cos[:, c], "o-", ms=3, label=cls)
         ax.set(xlabel="iteration", title=name)
