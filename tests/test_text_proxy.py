@@ -62,7 +62,8 @@ def test_text_proxies_are_normalised_mean_of_top_k(k):
     assert torch.equal(tp.predictions, tp.logits.argmax(dim=1))
 
 
-@pytest.mark.parametrize("m, k, kept", [((3, 9, 6), 4, [3, 3, 3]), ((9, 3, 6), 2, [2, 2, 2]), ((5, 9, 6), 8, [5, 5, 5])])
+@pytest.mark.parametrize("m, k, kept",
+                         [((3, 9, 6), 4, [3, 3, 3]), ((9, 3, 6), 2, [2, 2, 2]), ((5, 9, 6), 8, [5, 5, 5])])
 def test_reference_mode_keeps_running_minimum_best_first(m, k, kept):
     """Reference mode: K_c = min(K, M_1..M_c) in class order, the kept descriptions best first."""
     x, descs = _world(seed=7, m=m)
