@@ -92,8 +92,10 @@ def test_zero_shot_is_template_ensemble_and_descriptor_mean_averages_all():
 def test_kpl_reference_is_exact_composition_of_the_stages():
     x, _, text = _inputs(2)
     res = run_method("kpl_reference", x, text, k=3, iters_proxy=30)
-    xn = F.normalize(x, dim=-1)  # run_method normalises the images first, as the released code does
-    tp = build_text_proxies(xn, text.description_embeddings, k=3, mode="reference")
+    # the images are normalised once after encoding (stage 2 learns from those), and stage 1 normalises them once
+    # more inside retrieval: stage 1 of the given embeddings is build_text_proxies of them as given
+    xn = F.normalize(x, dim=-1)
+    tp = build_text_proxies(x, text.description_embeddings, k=3, mode="reference")
     tr = transport(tp.logits, 0.01, None, method="released_greenkhorn", iters=20)
     y, mask = harden(tr.plan, 0.6)
     learned = learn_proxies(xn, y, tp.proxies, 0.04, 10.0, 30, "reference")
