@@ -92,6 +92,11 @@ class Boolean:
         return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
 
 
+POSITIVE = Interval(float, 0, None, closed="neither")
+MODES = Options("reference", "corrected")
+K_RULES = Options("running_min", "per_class")
+
+
 def param(default: Any, constraint, help: str, *, none_ok: bool = False):
     """A dataclass field carrying its ``constraint``, whether ``None`` is allowed, and its ``help`` text."""
     return dataclasses.field(default=default, metadata={"constraint": constraint, "none_ok": none_ok, "help": help})

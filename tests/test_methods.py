@@ -304,8 +304,10 @@ def test_non_unit_inputs_give_the_normalised_result(method):
         if a.targets is not None:
             assert torch.allclose(a.targets, b.targets, atol=1e-9)
         assert torch.equal(a.predictions, b.predictions)
-        assert torch.allclose(a.logits, b.logits, atol=1e-9)
-        assert torch.allclose(a.proxies, b.proxies, atol=1e-9)
+        # corrected mode's L-BFGS stops at a tolerance: an ulp in its input moves the stopping point within it
+        atol = 1e-9 if a.config.mode == "reference" else 1e-6
+        assert torch.allclose(a.logits, b.logits, atol=atol)
+        assert torch.allclose(a.proxies, b.proxies, atol=atol)
 
 
 def test_run_method_rejects_unknown_names():

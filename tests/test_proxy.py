@@ -198,7 +198,7 @@ def test_predict_is_argmax():
 def test_learn_proxies_parameter_validation(kwargs, fragment):
     x, y, w0 = _problem()
     with pytest.raises(KPLInputError) as info:
-        learn_proxies(x, y, w0, iters=5, **kwargs)
+        learn_proxies(x, y, w0, **{"iters": 5, **kwargs})
     assert fragment in str(info.value)
 
 

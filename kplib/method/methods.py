@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from ..errors import KPLInputError, fix
-from ..params import (Boolean, Interval, Options, check, check_descriptions, check_embeddings, param, unit,
-                      validate)
+from ..params import (K_RULES, MODES, POSITIVE, Boolean, Interval, Options, check, check_descriptions,
+                      check_embeddings, param, unit, validate)
 from .baselines import CLIPDNConfig, clip_dn as _clip_dn
 from .controls import CONTROLS
 from .proxy import ProxyLearningResult, harden, learn_proxies, predict, pseudo_labels
@@ -43,7 +43,6 @@ from .transport import TRANSPORT_METHODS, TransportResult, class_marginal, trans
 
 __all__ = ["TextEmbeddings", "KPLConfig", "MethodResult", "MethodSpec", "METHODS", "run_method"]
 
-_POSITIVE = Interval(float, 0, None, closed="neither")
 
 
 @dataclass
@@ -67,16 +66,16 @@ class TextEmbeddings:
 class KPLConfig:
     """Every switch of KPL (kpl-method.md). ``None`` means "the mode's default" (resolved by :func:`run_method`)."""
 
-    mode: str | None = param(None, Options("reference", "corrected"),
+    mode: str | None = param(None, MODES,
                              "reference: the released computation; corrected: what the method intends", none_ok=True)
     k: int = param(8, Interval(int, 1), "descriptions kept per class (top-K of stage 1)")
-    k_rule: str | None = param(None, Options("running_min", "per_class"),
+    k_rule: str | None = param(None, K_RULES,
                                "how K meets classes with fewer descriptions (default: running_min in reference "
                                "mode, as released; per_class in corrected mode)", none_ok=True)
     retrieval: str = param("dataset", Options("dataset", "per_image"),
                            "dataset: one selection for all images (released); per_image: an extension")
-    tau_t: float = param(0.01, _POSITIVE, "temperature of the pseudo-labels softmax(L / tau_t) and of the transport")
-    tau_i: float = param(0.04, _POSITIVE, "temperature of the image-proxy softmax in proxy learning")
+    tau_t: float = param(0.01, POSITIVE, "temperature of the pseudo-labels softmax(L / tau_t) and of the transport")
+    tau_i: float = param(0.04, POSITIVE, "temperature of the image-proxy softmax in proxy learning")
     alpha: float = param(0.6, Interval(float), "hardening threshold: rows whose largest entry exceeds it become "
                                                "one-hot")
     class_marginal: str = param("uniform", Options("uniform", "gamma", "em"),
@@ -86,14 +85,14 @@ class KPLConfig:
                                   "transport solver (default: released_greenkhorn in reference mode, semidual in "
                                   "corrected mode, inmap_sinkhorn for inmap)", none_ok=True)
     iters_ot: int = param(20, Interval(int, 0), "updates of the fixed-iteration transport routines")
-    ot_tol: float = param(1e-6, _POSITIVE, "class-marginal tolerance of the converging transport solvers")
+    ot_tol: float = param(1e-6, POSITIVE, "class-marginal tolerance of the converging transport solvers")
     ot_max_iter: int = param(1000, Interval(int, 1), "iteration budget of the converging transport solvers")
     normalize_rows: bool | None = param(None, Boolean(), "rescale transported rows to sum to 1 before hardening "
                                                          "(default: no in reference mode, yes in corrected)",
                                         none_ok=True)
-    lr: float = param(10.0, _POSITIVE, "initial step of the reference proxy descent")
+    lr: float = param(10.0, POSITIVE, "initial step of the reference proxy descent")
     iters_proxy: int = param(2000, Interval(int, 0), "proxy-learning steps (reference) or L-BFGS budget (corrected)")
-    proxy_tol: float = param(1e-6, _POSITIVE, "proxy-learning tolerance (corrected mode)")
+    proxy_tol: float = param(1e-6, POSITIVE, "proxy-learning tolerance (corrected mode)")
     no_transport_baseline: bool = param(False, Boolean(), "also learn proxies from the hardened P0, without "
                                                           "transport (the released code's middle accuracy)")
     record_every: int | None = param(None, Interval(int, 1), "keep a proxy snapshot every N steps", none_ok=True)
@@ -160,9 +159,6 @@ def _names_proxies(x: Tensor, text: TextEmbeddings) -> TextProxies:
     """Zero-shot class proxies: the normalised mean of each class's normalised template embeddings."""
     names = text.name_embeddings if text.name_embeddings.ndim == 3 else text.name_embeddings.unsqueeze(1)
     names = names.to(x.dtype)
-    if names.shape[0] != len(text.class_names) or names.shape[2] != x.shape[1]:
-        raise KPLInputError(f"text.name_embeddings must have shape (C, T, d) = ({len(text.class_names)}, T, "
-                            f"{x.shape[1]}), got {tuple(names.shape)}")
     w = unit(unit(check_embeddings(names.reshape(-1, x.shape[1]), "text.name_embeddings").reshape(names.shape))
              .mean(dim=1))
     return TextProxies(proxies=w, logits=x @ w.T, scores=[], selected=[])
@@ -182,14 +178,14 @@ def _descriptions(x: Tensor, text: TextEmbeddings, which: str | None = None) -> 
 
 def zero_shot(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
     """CLIP zero-shot: the nearest class-name proxy (template ensemble)."""
-    names = _names_proxies(x, text)
+    names = _names_proxies(unit(x), text)
     return MethodResult("zero_shot", text.class_names, cfg, names.predictions, names.logits, text=names)
 
 
 def descriptor_mean(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
     """Each class's proxy is the normalised mean of all its descriptions (no retrieval, no learning)."""
     w = torch.stack([unit(unit(d).mean(dim=0)) for d in _descriptions(x, text)])
-    tp = TextProxies(proxies=w, logits=x @ w.T, scores=[], selected=[])
+    tp = TextProxies(proxies=w, logits=unit(x) @ w.T, scores=[], selected=[])
     return MethodResult("descriptor_mean", text.class_names, cfg, tp.predictions, tp.logits, text=tp)
 
 
@@ -219,6 +215,7 @@ def _stage2(method: str, x: Tensor, stage1: TextProxies, cfg: KPLConfig, names: 
 def inmap(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
     """InMaP: class-name proxies, balanced Sinkhorn (by default), hardening and the same proxy learning."""
     timings: dict[str, float] = {}
+    x = unit(x)
     with _timed(timings, "text_proxies"):
         names = _names_proxies(x, text)
     return _stage2("inmap", x, names, cfg, text.class_names, timings)
@@ -232,26 +229,26 @@ def kpl(x: Tensor, text: TextEmbeddings, cfg: KPLConfig, descriptions: str | Non
                                     text.class_names)
         if cfg.retrieval == "per_image":  # extension; proxy learning still starts from the dataset-level proxies
             stage1.logits = per_image_text_logits(x, _descriptions(x, text, descriptions), cfg.k)
-    return _stage2("kpl", x, stage1, cfg, text.class_names, timings)
+    return _stage2("kpl", unit(x), stage1, cfg, text.class_names, timings)
 
 
 def waffle(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
     """WaffleCLIP, inductive: each class's proxy averages its random-word prompts (``text.controls``)."""
     w = torch.stack([unit(unit(d).mean(dim=0)) for d in _descriptions(x, text, "random_words")])
-    tp = TextProxies(proxies=w, logits=x @ w.T, scores=[], selected=[])
+    tp = TextProxies(proxies=w, logits=unit(x) @ w.T, scores=[], selected=[])
     return MethodResult("waffle", text.class_names, cfg, tp.predictions, tp.logits, text=tp)
 
 
 def clip_dn(x: Tensor, text: TextEmbeddings, cfg: CLIPDNConfig) -> MethodResult:
     """CLIP-DN: zero-shot with the unlabelled image mean and the text mean partly subtracted (:mod:`.baselines`)."""
-    names = _names_proxies(x, text)
+    names = _names_proxies(unit(x), text)
     res = _clip_dn(x, names.proxies, fraction=cfg.fraction, renormalize=cfg.renormalize)
     return MethodResult("clip_dn", text.class_names, cfg, res.predictions, res.logits, text=names, details=res)
 
 
 def transclip(x: Tensor, text: TextEmbeddings, cfg: TransCLIPConfig) -> MethodResult:
     """TransCLIP (zero-shot transductive): a Gaussian mixture with kNN Laplacian and KL to the text predictions."""
-    names = _names_proxies(x, text)
+    names = _names_proxies(unit(x), text)
     res = _transclip(x, names.proxies, config=cfg)
     return MethodResult("transclip", text.class_names, cfg, res.predictions, res.probabilities, text=names,
                         details=res)
@@ -341,14 +338,22 @@ def run_method(method: str, image_embeddings: Tensor, text: TextEmbeddings, conf
 
     ``config`` is the method's config (:class:`KPLConfig`, or ``TransCLIPConfig`` / ``CLIPDNConfig`` for those
     baselines), or a sequence of configs from which each method takes the one of its class (as :func:`compare` does).
-    The images are L2-normalised first, as the released code does after encoding.
+    The images are L2-normalised once by each method, as the released code does after encoding (and KPL's
+    retrieval normalises them once more, as released).
     """
     cfg = resolve_config(method, config, **overrides)
     if not isinstance(text, TextEmbeddings):
         raise KPLInputError(f"text must be a kplib TextEmbeddings, got {type(text).__name__}")
     if len(text.class_names) < 2:
         raise KPLInputError(f"text.class_names must list at least 2 classes, got {list(text.class_names)}")
-    x = unit(check_embeddings(image_embeddings, "image_embeddings"))
+    x = check_embeddings(image_embeddings, "image_embeddings")  # each method normalises once, as released
+    names, c = text.name_embeddings, len(text.class_names)
+    if names is not None and (names.ndim not in (2, 3) or names.shape[0] != c):
+        raise KPLInputError(f"text.name_embeddings must have shape (C, T, d) = ({c}, T, {x.shape[1]}), one row "
+                            f"of templates per class of text.class_names, got {tuple(names.shape)}")
+    if names is not None and names.shape[-1] != x.shape[1]:
+        raise KPLInputError(f"text.name_embeddings has {names.shape[-1]} columns, expected {x.shape[1]} (image and "
+                            "text embedding dimensions must match: encode both with the same model)")
     start = time.perf_counter()
     result = METHODS[method].run(x, text, cfg)
     result.method = method

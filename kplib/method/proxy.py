@@ -38,14 +38,14 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from ..errors import KPLInputError
-from ..params import check_embeddings, check_matrix, unit
+from ..params import MODES, POSITIVE, Interval, check, check_embeddings, check_matrix, unit
 
 __all__ = ["pseudo_labels", "harden", "ProxyLearningResult", "learn_proxies", "predict"]
 
 
 def pseudo_labels(logits: Tensor, tau: float) -> Tensor:
     r"""Soft pseudo-labels :math:`P^0 = \mathrm{softmax}_{\text{row}}(L/\tau_t)` (kpl-method.md 2(a))."""
-    return torch.softmax(check_matrix(logits, "logits") / tau, dim=1)
+    return torch.softmax(check_matrix(logits, "logits") / check("tau_t", tau, POSITIVE), dim=1)
 
 
 def harden(p: Tensor, alpha: float = 0.6) -> tuple[Tensor, Tensor]:
@@ -135,6 +135,11 @@ def learn_proxies(x: Tensor, targets: Tensor, init: Tensor, tau_i: float = 0.04,
     record_every : int, optional
         Keep a snapshot of the proxies every ``record_every`` steps (for the book's trajectory figures).
     """
+    for name, value in (("tau_i", tau_i), ("lr", lr), ("tol", tol)):
+        check(name, value, POSITIVE)
+    check("iters", iters, Interval(int, 0))
+    check("mode", mode, MODES)
+    check("record_every", record_every, Interval(int, 1), none_ok=True)
     x = check_embeddings(x, "image_embeddings")
     w0 = unit(check_embeddings(init, "init_proxies", dim=x.shape[1]).to(x.dtype))
     y = check_matrix(targets, "targets", cols=w0.shape[0]).to(x.dtype)

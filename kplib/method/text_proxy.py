@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KPLInputError, fix
-from ..params import check_descriptions, check_embeddings, unit
+from ..params import K_RULES, MODES, Interval, check, check_descriptions, check_embeddings, unit
 
 __all__ = ["TextProxies", "kept_per_class", "build_text_proxies", "per_image_text_logits"]
 
@@ -103,6 +103,9 @@ def build_text_proxies(x: Tensor, descriptions: Sequence[Tensor], k: int = 8, mo
     TextProxies
         ``proxies`` (C, d), ``logits`` = X Wᵀ (N, C), per-class ``scores`` and ``selected`` indices.
     """
+    check("k", k, Interval(int, 1))
+    check("mode", mode, MODES)
+    check("k_rule", k_rule, K_RULES, none_ok=True)
     x = unit(check_embeddings(x, "image_embeddings"))  # after encoding, as released
     descs = [unit(d.to(x.dtype)) for d in check_descriptions(descriptions, x.shape[1], class_names)]
     rule = k_rule or ("running_min" if mode == "reference" else "per_class")
@@ -135,6 +138,7 @@ def per_image_text_logits(x: Tensor, descriptions: Sequence[Tensor], k: int = 8,
 
     so no (N, K, d) tensor is formed; images go in chunks of ``chunk_size``. Returns logits (N, C).
     """
+    check("k", k, Interval(int, 1))
     x = unit(check_embeddings(x, "image_embeddings"))
     descs = [unit(d.to(x.dtype)) for d in check_descriptions(descriptions, x.shape[1])]
     out = torch.empty(x.shape[0], len(descs), dtype=x.dtype)
