@@ -12,16 +12,19 @@ import json
 import pytest
 import torch
 
-from kplib import config
-from kplib.errors import KnowledgeBaseError
-from kplib.knowledge import DCLIP_IMAGENET_FILE, KnowledgeBase, dclip_imagenet_kb, imagenet_class_map
+from kplib import paths
+from kplib.errors import KnowledgeBaseError, KPLInputError, StandInWarning
+from kplib.io.datasets import load_dataset, registry
+from kplib.io.descriptors import DCLIP_IMAGENET_FILE, dclip_imagenet_kb, imagenet_class_map
+from kplib.io.knowledge import KnowledgeBase, load_kb
+from kplib.method.methods import KPLConfig
 
 
 def _shared_ok() -> bool:
     try:
-        return ((config.data_root() / "imagenet_sample" / "class_names.json").is_file()
-                and (config.descriptors_root() / DCLIP_IMAGENET_FILE).is_file())
-    except Exception:
+        return ((paths.data_root() / "imagenet_sample" / "class_names.json").is_file()
+                and (paths.descriptors_root() / DCLIP_IMAGENET_FILE).is_file())
+    except KPLInputError:
         return False
 
 
@@ -36,27 +39,32 @@ MAILLOT, TANK_SUIT = "n03710637", "n03710721"
 
 @pytest.fixture(scope="module")
 def wnid_names() -> dict[str, str]:
-    return json.loads((config.data_root() / "imagenet_sample" / "class_names.json").read_text(encoding="utf-8"))
+    return json.loads((paths.data_root() / "imagenet_sample" / "class_names.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
 def file_keys() -> list[str]:
-    return list(json.loads((config.descriptors_root() / DCLIP_IMAGENET_FILE).read_text(encoding="utf-8")))
+    return list(json.loads((paths.descriptors_root() / DCLIP_IMAGENET_FILE).read_text(encoding="utf-8")))
 
 
 @pytest.fixture(scope="module")
 def kb() -> KnowledgeBase:
-    from kplib.experiment import resolve_kb
+    """The KB ``kplib.pipeline.run`` uses for imagenet_sample when none is given (checked end to end below)."""
+    return dclip_imagenet_kb()
 
-    return resolve_kb(None, "imagenet_sample")
+
+@pytest.fixture(scope="module")
+def standin():
+    from kplib.io.encoders import load_encoder
+
+    with pytest.warns(StandInWarning):
+        return load_encoder("standin")
 
 
 # ------------------------------------------------------------------------------------------------ the real mapping
 @needs_shared
 def test_default_kb_covers_every_folder_one_to_one(kb, wnid_names):
-    from kplib.data import get_dataset
-
-    ds = get_dataset("imagenet_sample")
+    ds = load_dataset("imagenet_sample")
     assert len(ds.class_names) == 1000
     sel = kb.select(ds.class_names)                       # raises if any folder has no class
     assert sel.class_names == ds.class_names
@@ -106,12 +114,18 @@ def test_provenance_names_dclip(kb):
 
 
 @needs_shared
-def test_other_datasets_keep_curated_default():
-    from kplib.experiment import default_kb_for
+def test_other_datasets_keep_curated_default(standin):
+    """The registry names each dataset's default KB: a curated one, or (imagenet_sample) the DCLIP file imported at
+    run time; a folder that is not registered has none (test_pipeline: the error names --kb / kb=)."""
+    from kplib.pipeline import run
 
-    assert default_kb_for("brain_tumor_mri") == "brain_tumor_mri"
-    assert default_kb_for("not_a_dataset") is None
-    assert isinstance(default_kb_for("imagenet_sample"), KnowledgeBase)
+    reg = registry()
+    assert reg["brain_tumor_mri"].kb == "brain_tumor_mri"
+    assert reg["imagenet_sample"].kb is None and reg["imagenet_sample"].published_descriptors == DCLIP_IMAGENET_FILE
+    assert "not_a_dataset" not in reg
+    brain = run(load_dataset("brain_tumor_mri", limit_per_class=1), "zero_shot", standin)
+    assert brain.provenance()["kb"]["kb_id"] == load_kb("brain_tumor_mri").kb_id
+    assert brain.provenance()["kb"]["origin"] == "kplib/io/kbs/brain_tumor_mri.json"
 
 
 # --------------------------------------------------------------------------- the alignment fails loudly (synthetic)
@@ -185,34 +199,34 @@ def _class_subset(ds, wnids):
 
 
 @needs_shared
-def test_run_experiment_kpl_corrected_on_class_subset():
-    from kplib.data import get_dataset
-    from kplib.experiment import run_experiment
+def test_run_kpl_corrected_on_class_subset_with_the_default_kb(standin):
+    from kplib.pipeline import run
 
-    ds = get_dataset("imagenet_sample")
+    ds = load_dataset("imagenet_sample")
     wnids = [CRANE_BIRD, CRANE_MACHINE, MAILLOT, TANK_SUIT, "n01440764", "n01514668", "n02109961", "n04552348"]
     sub = _class_subset(ds, sorted(wnids))
     assert len(sub) == 8 and [sub.display_names[sub.class_names.index(w)] for w in (CRANE_BIRD, CRANE_MACHINE)] \
         == ["crane", "crane"]
-    res = run_experiment(sub, "kpl_corrected", model="standin", progress=False, iters_proxy=50)
-    assert res.method == "kpl" and res.config["mode"] == "corrected"
+    exp = run(sub, "kpl_corrected", standin, config=KPLConfig(iters_proxy=50))  # no kb: the dataset's default
+    res, prov = exp.result, exp.provenance()
+    assert res.method == "kpl_corrected" and res.config.mode == "corrected"
     assert res.class_names == sorted(wnids)
     assert res.predictions.shape == (8,) and res.logits.shape == (8, 8)
-    assert res.meta["kb_id"] == "imagenet_sample-dclip-menon-vondrick-2023"
-    assert res.meta["kb_method"] == "imported" and res.meta["is_standin"]
-    assert "UNTRAINED" in res.meta["encoder_label"]
-    assert res.meta["dataset"] == "imagenet_sample" and res.meta["n_images"] == 8
-    assert [p.split("/")[-2] for p in res.meta["paths"]] == sorted(wnids)
+    assert prov["kb"]["kb_id"] == "imagenet_sample-dclip-menon-vondrick-2023" and prov["kb"]["method"] == "imported"
+    assert prov["encoder"]["is_standin"] and "UNTRAINED" in prov["encoder"]["label"]
+    assert prov["dataset"]["name"] == "imagenet_sample" and prov["dataset"]["n_images"] == 8
+    assert [p.parent.name for p in exp.images.paths] == sorted(wnids)
+    # the prompts use the descriptor file's names, not the ambiguous WordNet ones
+    shown = dict(zip(exp.text.class_names, exp.text.meta["display_names"]))
+    assert (shown[CRANE_BIRD], shown[CRANE_MACHINE]) == ("crane bird", "construction crane")
 
 
 @needs_shared
-def test_prompts_use_the_human_class_names(kb):
-    from kplib.encoders import load_encoder
-    from kplib.experiment import embed_knowledge
+def test_prompts_use_the_human_class_names(kb, standin):
+    from kplib.pipeline import embed_knowledge
 
-    enc = load_encoder("standin")
     wnids = [CRANE_BIRD, CRANE_MACHINE]
-    text = embed_knowledge(kb, enc, wnids, cache=False)
+    text = embed_knowledge(kb, standin, wnids, cache=False)
     assert text.meta["display_names"] == ["crane bird", "construction crane"]
     assert text.descriptions[0][0] == "long neck"
     # the two "crane" classes get different name prompts (not the ambiguous WordNet name twice)
