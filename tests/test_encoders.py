@@ -269,6 +269,24 @@ def test_batching_and_image_modes_do_not_change_results(standin):
     assert standin.encode_images([]).shape == (0, 256) and standin.encode_texts([]).shape == (0, 256)
 
 
+def test_generators_are_consumed_a_batch_at_a_time(tiny_folder, monkeypatch):
+    enc = _load_quietly(str(tiny_folder), batch_size=100)
+    ims = _images(1234, size=(8, 8))       # more than the first output block (1024 rows) of a generator
+    consumed, ahead = [], []
+
+    def images():
+        for i, im in enumerate(ims):
+            consumed.append(i)
+            yield im
+
+    real = enc.model.get_image_features
+    monkeypatch.setattr(enc.model, "get_image_features",
+                        lambda **kw: ahead.append(len(consumed) - 100 * len(ahead)) or real(**kw))
+    lazy = enc.encode_images(images())
+    assert len(ahead) == 13 and max(ahead) <= 100          # never more than one batch decoded ahead of the model
+    assert lazy.shape == (1234, 16) and torch.equal(lazy, enc.encode_images(ims))
+
+
 def test_invalid_inputs_are_named(standin, tmp_path):
     path = tmp_path / "x.png"
     _images(1)[0].save(path)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -172,28 +173,35 @@ class Encoder:
         return F.normalize(feats.float(), dim=-1).cpu()
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[Image.Image], batch_size: int | None = None,
+    def encode_images(self, images: Iterable[Image.Image], batch_size: int | None = None,
                       progress: bool = False) -> Tensor:
         """Encode PIL images → ``(n, d)`` float32 unit rows, in input order.
 
         Images are preprocessed by the checkpoint's own processor and run through ``CLIPModel.get_image_features``
-        ``batch_size`` at a time (default: the encoder's), so memory does not grow with ``n``.
+        ``batch_size`` at a time (default: the encoder's). ``images`` may be a generator that decodes files one by one:
+        it is consumed a batch at a time, so memory does not grow with the number of images.
         """
         batch_size = self.batch_size if batch_size is None else check("batch_size", batch_size, Interval(int, 1))
-        images = list(images)
-        bad = next((i for i, im in enumerate(images) if not isinstance(im, Image.Image)), None)
-        if bad is not None:
-            raise KPLInputError(f"images[{bad}] is a {type(images[bad]).__name__}, not a PIL image; read files with "
-                                "kplib.io.images.read_image, or encode a folder with kplib.pipeline.embed_images")
-        parts = []
-        with tqdm(total=len(images), desc="encoding images", unit="img", disable=not progress) as bar:
-            for i in range(0, len(images), batch_size):
-                batch = [im if im.mode == "RGB" else im.convert("RGB") for im in images[i:i + batch_size]]
-                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+        total = len(images) if hasattr(images, "__len__") else None
+        # the output is allocated before the batches run (doubled when a generator outgrows it): a small tensor kept
+        # per batch would pin the allocator's heap between batches and make memory grow with the number of images
+        out, seen, items = torch.empty(total if total is not None else 1024, self.embed_dim), 0, iter(images)
+        with tqdm(total=total, desc="encoding images", unit="img", disable=not progress) as bar:
+            while batch := list(itertools.islice(items, batch_size)):
+                bad = next((i for i, im in enumerate(batch) if not isinstance(im, Image.Image)), None)
+                if bad is not None:
+                    raise KPLInputError(f"images[{seen + bad}] is a {type(batch[bad]).__name__}, not a PIL image; read "
+                                        "files with kplib.io.images.read_image, or encode a folder with "
+                                        "kplib.pipeline.embed_images")
+                rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in batch]
+                pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"].to(self.device)
+                if seen + len(batch) > len(out):
+                    out = torch.cat([out, torch.empty_like(out)])
                 with self._autocast():
-                    parts.append(self._unit(self.model.get_image_features(pixel_values=pixels)))
+                    out[seen:seen + len(batch)] = self._unit(self.model.get_image_features(pixel_values=pixels))
+                seen += len(batch)
                 bar.update(len(batch))
-        return torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
+        return out if seen == len(out) else out[:seen].clone()
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Number of tokens of each text, start and end tokens included, before truncation."""
@@ -211,14 +219,14 @@ class Encoder:
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise KPLInputError("texts must be a sequence of strings")
-        parts = []
+        out = torch.empty(len(texts), self.embed_dim)
         for i in tqdm(range(0, len(texts), batch_size), desc="encoding texts", disable=not progress):
             tok = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
                                  max_length=self.context_length, return_tensors="pt").to(self.device)
             with self._autocast():
-                parts.append(self._unit(self.model.get_text_features(input_ids=tok["input_ids"],
-                                                                     attention_mask=tok["attention_mask"])))
-        return torch.cat(parts) if parts else torch.empty(0, self.embed_dim)
+                out[i:i + batch_size] = self._unit(self.model.get_text_features(input_ids=tok["input_ids"],
+                                                                                attention_mask=tok["attention_mask"]))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- loading
