@@ -13,6 +13,7 @@ written into the data folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -36,7 +37,7 @@ from .io.knowledge import KPL_TEMPLATE, KnowledgeBase, generic_descriptions, loa
 from .io.store import EmbeddingStore, content_key, text_key
 from .method import metrics
 from .method.controls import CONTROLS, control_descriptions
-from .method.methods import METHODS, KPLConfig, MethodResult, TextEmbeddings, run_method
+from .method.methods import METHODS, MethodResult, TextEmbeddings, run_method
 
 __all__ = ["DEFAULT_NAME_TEMPLATES", "EmbeddingSet", "Experiment", "Comparison", "embed_images", "embed_knowledge",
            "run", "compare"]
@@ -65,6 +66,28 @@ class EmbeddingSet:
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the embeddings with their labels, paths, classes and encoder identity (plain tensors, lists and
+        strings: :meth:`load` reads it back with ``weights_only=True``)."""
+        f = self.folder
+        torch.save({"format": "kplib.EmbeddingSet/2", "embeddings": self.embeddings.contiguous(), "labels": f.labels,
+                    "paths": [str(p) for p in f.paths], "root": str(f.root), "class_names": list(f.class_names),
+                    "display_names": list(f.display_names), "name": f.name, "encoder": self.encoder.to_dict(),
+                    "skipped": [[str(p), r] for p, r in f.skipped]}, path)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EmbeddingSet:
+        """Read a file written by :meth:`save` (no pickled code is executed)."""
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            folder = ImageFolder(root=Path(d["root"]), class_names=d["class_names"], display_names=d["display_names"],
+                                 paths=[Path(p) for p in d["paths"]], labels=d["labels"], name=d["name"],
+                                 skipped=[(Path(p), r) for p, r in d["skipped"]])
+            return cls(folder, d["embeddings"], EncoderIdentity.from_dict(d["encoder"]))
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise KPLInputError(f"{path} is not an embedding file written by EmbeddingSet.save ({exc})") from None
+
 
 def _read(paths: Sequence[Path]) -> tuple[list[bytes | None], list[tuple[Path, str]]]:
     datas, bad = [], []
@@ -77,8 +100,10 @@ def _read(paths: Sequence[Path]) -> tuple[list[bytes | None], list[tuple[Path, s
     return datas, bad
 
 
-def _encode_chunk(paths, datas, store, encoder, stop_encoding: bool, max_pixels) -> tuple[dict, list, list, int]:
-    """Rows of one chunk of files: from the store, else decoded and encoded (unless ``stop_encoding``).
+def _encode_chunk(paths, datas, store, encoder, stop_encoding: bool, stop_on_bad: bool,
+                  max_pixels) -> tuple[dict, list, list, int]:
+    """Rows of one chunk of files: from the store, else decoded and encoded (unless ``stop_encoding``, or
+    ``stop_on_bad`` and a file of this chunk cannot be decoded).
 
     Returns the rows by position, the undecodable files, the content keys and how many images were encoded."""
     keys = [content_key(d) if d is not None else None for d in datas]
@@ -95,6 +120,7 @@ def _encode_chunk(paths, datas, store, encoder, stop_encoding: bool, max_pixels)
                 todo.append(i)
             except ImageDecodeError as exc:
                 bad.append((paths[i], exc.reason))
+    stop_encoding = stop_encoding or (stop_on_bad and bool(bad))
     if todo and not stop_encoding:
         new = encoder.encode_images(images)
         rows.update(zip(todo, new))
@@ -103,7 +129,7 @@ def _encode_chunk(paths, datas, store, encoder, stop_encoding: bool, max_pixels)
     return rows, bad, keys, 0 if stop_encoding else len(todo)
 
 
-def embed_images(dataset, encoder: Encoder, cache: bool = True, on_error: str = "stop", progress: bool = False,
+def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: str = "stop", progress: bool = False,
                  max_pixels: int | None = None) -> EmbeddingSet:
     """Encode every image of ``dataset`` (a registered name, a folder or an :class:`ImageFolder`).
 
@@ -115,6 +141,7 @@ def embed_images(dataset, encoder: Encoder, cache: bool = True, on_error: str = 
     """
     if on_error not in ("stop", "skip"):
         raise KPLInputError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    encoder = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
     folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
     store = EmbeddingStore({**encoder.namespace("image"), "decode": DECODE_VERSION}) if cache else None
     rows, bad, keys, encoded = {}, [], [], 0
@@ -122,8 +149,9 @@ def embed_images(dataset, encoder: Encoder, cache: bool = True, on_error: str = 
         for start in range(0, len(folder), _CHUNK):
             paths = folder.paths[start:start + _CHUNK]
             datas, unreadable = _read(paths)
+            stop = on_error == "stop"
             got, undecodable, chunk_keys, n = _encode_chunk(paths, datas, store, encoder,
-                                                            on_error == "stop" and bool(bad or unreadable), max_pixels)
+                                                            stop and bool(bad or unreadable), stop, max_pixels)
             rows.update({start + i: r for i, r in got.items()})
             bad, keys, encoded = bad + unreadable + undecodable, keys + chunk_keys, encoded + n
             bar.update(len(paths))
@@ -213,6 +241,8 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encod
 
 
 def _warn_long(encoder: Encoder, prompts: list[str], labels: list[str]) -> None:
+    if not prompts:
+        return
     long = [(lab, n) for lab, n in zip(labels, encoder.token_lengths(prompts)) if n > encoder.context_length]
     if long:
         log.warning("%d prompt(s) exceed the text encoder's %d tokens and are truncated as CLIP does (`kpl kb "
@@ -238,7 +268,7 @@ class Experiment:
                 "kb": {"kb_id": self.text.meta.get("kb_id"), "method": self.text.meta.get("kb_method"),
                        "origin": self.text.meta.get("kb_origin")},
                 "template": self.text.meta.get("template"), "method": self.result.method,
-                "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+                "config": dataclasses.asdict(config),
                 "controls": self.text.meta.get("controls"), "kplib": __version__, "torch": torch.__version__}
 
     def summary(self) -> dict:
@@ -256,17 +286,18 @@ def _plain(value):
     return [float(v) for v in value] if isinstance(value, (tuple, list)) else float(value)
 
 
-def _default_kb(folder: ImageFolder, method: str) -> KnowledgeBase | None:
+def _default_kb(folder: ImageFolder, needs_kb: bool) -> KnowledgeBase | None:
     """The registered dataset's curated knowledge base (ImageNet sample: DCLIP's published descriptors)."""
     info = registry().get(folder.name)
     if info is not None and info.kb is not None:
         return load_kb(info.kb)
     if info is not None and info.name == "imagenet_sample":
         return dclip_imagenet_kb()
-    if method != "zero_shot":
+    if needs_kb:
         raise KPLInputError(f"no knowledge base given and {folder.name!r} has no curated one; pass one "
                             + fix(cli="--kb FILE_OR_NAME", python="kb='FILE_OR_NAME'")
-                            + " (`kpl kb list` shows the curated ones; only zero_shot runs without a knowledge base)")
+                            + " (`kpl kb list` shows the curated ones; zero_shot, clip_dn, transclip and inmap run "
+                              "on class names alone)")
     return None
 
 
@@ -276,52 +307,63 @@ def _seed(config) -> int:
     return next((c.seed for c in configs if hasattr(c, "seed")), 0)
 
 
-def _prepare(dataset, encoder, kb, method_names: Sequence[str], config: KPLConfig | None, cache: bool,
-             on_error: str, progress: bool, controls: bool):
+def _prepare(dataset, encoder, kb, methods: Sequence[str], config, options: dict):
+    """Encoder, folder (an unlabelled one takes its classes from the knowledge base), images and text."""
+    specs = [METHODS[m] for m in methods if m in METHODS]
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
     folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
     if kb is None:
-        kb = _default_kb(folder, "zero_shot" if set(method_names) <= {"zero_shot"} else "kpl")
+        kb = _default_kb(folder, any(s.descriptions for s in specs))
     elif not isinstance(kb, KnowledgeBase):
         kb = load_kb(kb)
-    images = embed_images(folder, enc, cache=cache, on_error=on_error, progress=progress)
-    seed = _seed(config)
+    if folder.labels is None and not folder.class_names:
+        if kb is None:
+            raise KPLInputError("unlabelled images need their classes: give a knowledge base "
+                                + fix(cli="--kb FILE", python="kb=...") + " or the class names "
+                                + fix(cli="--classes A,B", python="load_dataset(folder, classes=[...])"))
+        folder = dataclasses.replace(folder, class_names=kb.class_names, display_names=kb.display_names)
+    images = embed_images(folder, enc, cache=options["cache"], on_error=options["on_error"],
+                          progress=options["progress"], max_pixels=options["max_pixels"])
     text = embed_knowledge(kb, enc, images.class_names, display_names=None if kb else images.folder.display_names,
-                           controls=controls, seed=seed, modality=kb.modality if kb else None, cache=cache)
+                           template=options["template"], controls=any(s.controls for s in specs),
+                           seed=_seed(config), modality=kb.modality if kb else None, cache=options["cache"])
     return images, text, kb
 
 
-def _evaluate(images: EmbeddingSet, result: MethodResult, seed: int) -> dict | None:
+def _evaluate(images: EmbeddingSet, result: MethodResult, seed: int, n_bootstrap: int) -> dict | None:
     if images.labels is None:
         return None
-    return metrics.evaluate(images.labels, result.predictions, images.class_names, seed=seed)
+    return metrics.evaluate(images.labels, result.predictions, images.class_names, n_bootstrap=n_bootstrap, seed=seed)
 
 
-def run(dataset, method: str = "kpl_corrected", encoder: Encoder | str = "auto", kb=None,
-        config=None, *, cache: bool = True, on_error: str = "stop",
-        progress: bool = False) -> Experiment:
+def run(dataset, method: str = "kpl_corrected", encoder: Encoder | str = "auto", kb=None, config=None, *,
+        cache: bool = True, on_error: str = "stop", progress: bool = False, template: str = KPL_TEMPLATE,
+        max_pixels: int | None = None, n_bootstrap: int = 1000) -> Experiment:
     """Run one method end to end: embed the images and the knowledge base, run the method, evaluate.
 
     Parameters
     ----------
     dataset : str, path or ImageFolder
         A registered dataset, an image folder (``<class>/<image>``), or an :class:`ImageFolder` from
-        :func:`kplib.io.datasets.load_dataset` (e.g. unlabelled images with ``classes=``, a seeded subset).
+        :func:`kplib.io.datasets.load_dataset` (unlabelled images, a seeded subset, skipped empty classes ...).
     method : str
         One of :data:`kplib.method.methods.METHODS`.
     encoder : Encoder or str
         An encoder from :func:`kplib.io.encoders.load_encoder`, or what to load (hub id, folder, ``"standin"``,
         ``"auto"``).
     kb : KnowledgeBase, str or path, optional
-        Default: the dataset's curated knowledge base; ``zero_shot`` runs without one.
-    config : KPLConfig, optional
+        Default: the dataset's curated knowledge base; methods on class names alone run without one.
+    config : KPLConfig (or the method's own config), optional
         The method's switches (default: the method's defaults).
+
+    The keyword options say how to get there: the embedding store (``cache``), unreadable images (``on_error``),
+    progress bars, the description prompt (``template``), the decompression-bomb limit and the bootstrap size.
     """
-    spec = METHODS[method] if method in METHODS else None
-    controls = bool(spec and spec.controls)
-    images, text, kb = _prepare(dataset, encoder, kb, [method], config, cache, on_error, progress, controls)
+    options = {"cache": cache, "on_error": on_error, "progress": progress, "template": template,
+               "max_pixels": max_pixels}
+    images, text, kb = _prepare(dataset, encoder, kb, [method], config, options)
     result = run_method(method, images.embeddings, text, config)
-    return Experiment(result, images, text, kb, _evaluate(images, result, _seed(config)))
+    return Experiment(result, images, text, kb, _evaluate(images, result, _seed(config), n_bootstrap))
 
 
 @dataclass
@@ -347,24 +389,29 @@ class Comparison:
         return pd.DataFrame(rows).set_index("method")
 
 
-def compare(dataset, methods: Sequence[str], encoder: Encoder | str = "auto", kb=None,
-            config=None, *, reference: str | None = None, cache: bool = True,
-            on_error: str = "stop", progress: bool = False, n_bootstrap: int = 1000) -> Comparison:
+def compare(dataset, methods: Sequence[str], encoder: Encoder | str = "auto", kb=None, config=None, *,
+            reference: str | None = None, cache: bool = True, on_error: str = "stop", progress: bool = False,
+            template: str = KPL_TEMPLATE, max_pixels: int | None = None, n_bootstrap: int = 1000) -> Comparison:
     """Run ``methods`` on the same images and knowledge base; test each against ``reference`` (default: the first)
-    on the same images (paired bootstrap interval of the accuracy difference and exact McNemar test)."""
+    on the same images: paired bootstrap interval of the accuracy difference and exact McNemar test.
+
+    ``config`` may be a sequence of configs (a :class:`KPLConfig` and baselines' own); each method takes the one of
+    its class. The keyword options are those of :func:`run`.
+    """
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise KPLInputError("compare needs at least one method " + fix(cli="--methods a,b,c", python="methods=[...]"))
     reference = reference or methods[0]
     if reference not in methods:
         raise KPLInputError(f"reference {reference!r} must be one of the compared methods {methods}")
-    controls = any(METHODS[m].controls for m in methods if m in METHODS)
-    images, text, kb = _prepare(dataset, encoder, kb, methods, config, cache, on_error, progress, controls)
+    options = {"cache": cache, "on_error": on_error, "progress": progress, "template": template,
+               "max_pixels": max_pixels}
+    images, text, kb = _prepare(dataset, encoder, kb, methods, config, options)
     seed = _seed(config)
     exps = {}
     for m in methods:
         result = run_method(m, images.embeddings, text, config)
-        exps[m] = Experiment(result, images, text, kb, _evaluate(images, result, seed))
+        exps[m] = Experiment(result, images, text, kb, _evaluate(images, result, seed, n_bootstrap))
     paired = {}
     if images.labels is not None:
         ref = exps[reference].result.predictions

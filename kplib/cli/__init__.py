@@ -25,11 +25,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .. import __version__
 from ..errors import KPLError, KPLInputError, StandInWarning
 from ..io.datasets import display_path, load_dataset
 from ..io.encoders import STANDIN_LABEL, load_encoder
-from ..io.knowledge import load_kb
+from ..io.knowledge import KPL_TEMPLATE, load_kb
+from ..params import Boolean, Interval, check
 from ..method.methods import METHODS, KPLConfig
 from ..pipeline import Experiment, compare, embed_images, run
 from . import data as data_cli
@@ -49,6 +52,17 @@ def _flag(cls: type, name: str) -> str:
     return "--" + _PREFIX.get(cls.__name__, cls.__name__.lower() + "-") + name.replace("_", "-")
 
 
+def _checked(name: str, constraint, none_ok: bool = False):
+    """An argparse ``type`` that parses and checks against the declared constraint (argparse names the flag)."""
+    def parse(text: str):
+        try:
+            return check(name, constraint.parse(text), constraint, none_ok)
+        except (KPLInputError, ValueError, KeyError) as exc:
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, KPLInputError)
+                                             else f"{name} must be {constraint.describe()}, got {text!r}") from None
+    return parse
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     """One option per declared config field, with its constraint's type/choices and its help text."""
     p.add_argument("--mode", choices=["reference", "corrected"], default=None,
@@ -59,10 +73,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             if f.name in _SHARED or "constraint" not in f.metadata:
                 continue
-            c = f.metadata["constraint"]
-            kw = {"choices": list(c.values)} if hasattr(c, "values") else {}
-            group.add_argument(_flag(cls, f.name), dest=f"{cls.__name__}.{f.name}", type=c.parse, default=None,
-                               help=f.metadata["help"] + f" (default {f.default})", **kw)
+            c, flag, dest = f.metadata["constraint"], _flag(cls, f.name), f"{cls.__name__}.{f.name}"
+            helptext = f.metadata["help"] + f" (default {f.default})"
+            if isinstance(c, Boolean):
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+                continue
+            kw = {"choices": list(c.values)} if hasattr(c, "values") else {"metavar": f.name.upper()}
+            group.add_argument(flag, dest=dest, type=_checked(f.name, c), default=None, help=helptext, **kw)
 
 
 def _configs(args, methods: Sequence[str]) -> tuple:
@@ -85,8 +102,8 @@ def _configs(args, methods: Sequence[str]) -> tuple:
     if args.mode is not None:
         for m in methods:
             spec = METHODS[m]
-            if not spec.modes or spec.fixed_mode not in (None, args.mode):
-                why = f"fixes the mode to {spec.fixed_mode}" if spec.modes else "has no modes"
+            if not spec.modes or spec.fixed_mode is not None:
+                why = f"already fixes the mode to {spec.fixed_mode}" if spec.modes else "has no modes"
                 raise KPLInputError(f"--mode {args.mode} does not apply: method {m} {why}; drop --mode, or use "
                                     f"--method kpl --mode {args.mode}")
     return tuple(out)
@@ -106,10 +123,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                                                   "when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="encoder precision (bfloat16 runs the forward under autocast)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--limit-per-class", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=_checked("batch_size", Interval(int, 1)), default=32,
+                   help="images per forward pass (default 32)")
+    p.add_argument("--limit-per-class", type=_checked("limit_per_class", Interval(int, 1)), default=None, metavar="N",
                    help="a seeded random subset of at most N images per class")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the methods and the bootstrap (default 0)")
+    p.add_argument("--seed", type=_checked("seed", Interval(int, 0)), default=0,
+                   help="seed of the subset, the methods and the bootstrap (default 0)")
+    p.add_argument("--threads", type=_checked("threads", Interval(int, 1)), default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--template", default=KPL_TEMPLATE,
+                   help="prompt around each description, with {class_name} and {description} (default: the "
+                        "released template)")
+    p.add_argument("--n-bootstrap", type=_checked("n_bootstrap", Interval(int, 0)), default=1000, metavar="B",
+                   help="bootstrap resamples of the intervals and paired tests (default 1000)")
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                    help="unreadable images: stop with an error listing them (default), or skip them")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding store")
@@ -144,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("encode", help="fill the embedding store for a folder (no method)")
     _add_run_args(p)
+    p.add_argument("--save", default=None, metavar="FILE.pt", help="also write the embeddings, labels and paths")
     p.set_defaults(func=cmd_encode)
     p = sub.add_parser("merge", help="one table from several `kpl run --output` files")
     p.add_argument("files", nargs="+", metavar="FILE.json")
@@ -178,9 +205,10 @@ def _table(df) -> str:
 
 
 def _print_metrics(exp: Experiment) -> None:
-    m = exp.metrics
-    print(f"{exp.result.method} on {exp.images.folder.name}: {len(exp.images)} images, "
-          f"encoder {exp.images.encoder.label}")
+    m, st = exp.metrics, exp.images.stats
+    print(f"{exp.result.method} on {exp.images.folder.name}: {len(exp.images)} images, encoder "
+          f"{exp.images.encoder.label}; knowledge base {exp.text.meta.get('kb_id') or 'none (class names)'}")
+    print(f"embeddings: {st.get('hits', 0)} from the store, {st.get('n_encoded', 0)} encoded")
     if m is None:
         print("unlabelled images: no metrics (write the predictions with --predictions)")
         return
@@ -189,17 +217,24 @@ def _print_metrics(exp: Experiment) -> None:
         print(f"  {key:18s} {100 * m[key]:6.2f} %  (95% bootstrap interval {100 * lo:.2f}–{100 * hi:.2f})")
 
 
+def _options(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {"cache": not args.no_cache, "on_error": args.on_error, "progress": _progress(args),
+            "template": args.template, "max_pixels": args.max_pixels}
+
+
 def cmd_run(args) -> int:
     configs = _configs(args, [args.method])
-    out_paths = _outputs(args.predictions, (".csv", ".json"), "--predictions"), _outputs(args.output, (".json",),
-                                                                                          "--output")
-    exp = run(_folder(args), args.method, _encoder(args), args.kb, configs, cache=not args.no_cache,
-              on_error=args.on_error, progress=_progress(args))
+    predictions = _outputs(args.predictions, (".csv", ".json"), "--predictions")
+    output = _outputs(args.output, (".json",), "--output")
+    exp = run(_folder(args), args.method, _encoder(args), args.kb, configs, n_bootstrap=args.n_bootstrap,
+              **_options(args))
     _print_metrics(exp)
-    if out_paths[0]:
-        write_predictions(out_paths[0], exp)
-    if out_paths[1]:
-        out_paths[1].write_text(json.dumps(exp.summary(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if predictions:
+        write_predictions(predictions, exp)
+    if output:
+        output.write_text(json.dumps(exp.summary(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 
 
@@ -211,24 +246,33 @@ def cmd_compare(args) -> int:
     configs = _configs(args, methods)
     out = _outputs(args.output, (".csv",), "--output")
     cmp = compare(_folder(args), methods, _encoder(args), args.kb, configs, reference=args.reference,
-                  cache=not args.no_cache, on_error=args.on_error, progress=_progress(args))
+                  n_bootstrap=args.n_bootstrap, **_options(args))
     first = next(iter(cmp.experiments.values()))
-    print(f"{len(first.images)} images of {first.images.folder.name}, encoder {first.images.encoder.label}")
+    print(f"{len(first.images)} images of {first.images.folder.name}, encoder {first.images.encoder.label}; "
+          f"knowledge base {first.text.meta.get('kb_id') or 'none (class names)'}")
     table = cmp.table()
     print(_table(table))
     if out:
-        table.to_csv(out)
+        table.assign(encoder=first.images.encoder.label, dataset=first.images.folder.name).to_csv(out)
     return 0
 
 
 def cmd_encode(args) -> int:
     if any("." in k and v is not None for k, v in vars(args).items()) or args.mode:
         raise KPLInputError("kpl encode runs no method: drop the method options")
-    if args.no_cache:
-        raise KPLInputError("kpl encode fills the embedding store; --no-cache makes it pointless")
-    emb = embed_images(_folder(args), _encoder(args), on_error=args.on_error, progress=_progress(args))
-    print(f"{len(emb)} images of {emb.folder.name} embedded with {emb.encoder.label}: {emb.stats.get('hits', 0)} "
-          f"from the store, {emb.stats.get('n_encoded', 0)} encoded; {len(emb.folder.skipped)} skipped")
+    save = _outputs(args.save, (".pt",), "--save")
+    if args.no_cache and save is None:
+        raise KPLInputError("kpl encode fills the embedding store; with --no-cache it needs --save FILE.pt")
+    options = _options(args)
+    emb = embed_images(_folder(args), _encoder(args), cache=options["cache"], on_error=args.on_error,
+                       progress=options["progress"], max_pixels=args.max_pixels)
+    counts = ", ".join(f"{c} {n}" for c, n in emb.folder.counts().items())
+    print(f"{len(emb)} images of {emb.folder.name} ({counts or 'unlabelled'}) embedded with {emb.encoder.label}: "
+          f"{emb.stats.get('hits', 0)} from the store, {emb.stats.get('n_encoded', 0)} encoded; "
+          f"{len(emb.folder.skipped)} skipped")
+    if save:
+        emb.save(save)
+        print(f"saved to {save}")
     return 0
 
 
@@ -278,13 +322,15 @@ def write_predictions(path: Path, exp: Experiment) -> None:
     if path.suffix.lower() == ".csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "true_class", "predicted_class", *[f"score_{c}" for c in names]])
+        label = exp.images.encoder.label
+        w.writerow(["path", "true_class", "predicted_class", *[f"score_{c}" for c in names], "encoder"])
         for r in records:
             w.writerow([r["path"], r["true_class"] or "", r["predicted_class"],
-                        *[f"{r['scores'][c]:.9g}" for c in names]])
+                        *[f"{r['scores'][c]:.9g}" for c in names], label])
         text = buf.getvalue()
     else:
-        text = json.dumps({"encoder": exp.images.encoder.label, "class_names": names, "predictions": records},
+        text = json.dumps({"encoder": exp.images.encoder.label, "is_standin": exp.images.encoder.is_standin,
+                           "class_names": names, "predictions": records},
                           indent=1, ensure_ascii=False) + "\n"
     path.write_text(text, encoding="utf-8", newline="\n")
     meta = path.with_name(path.stem + ".meta.json")

@@ -53,7 +53,8 @@ def control_descriptions(control: str, descriptions: Sequence[Sequence[str]], se
     """The description texts of ``control`` for classes whose real descriptions are ``descriptions``.
 
     ``random_words`` draws one random descriptor per real description, with the same word count; ``generic``
-    needs the modality's ``generic`` list (the same for every class).
+    gives each class as many of the modality's ``generic`` descriptions as it has real ones (cycling through the
+    list when it is shorter), in one seeded order shared by every class.
     """
     if control == "random_words":  # one random descriptor per description, with its word count
         return [random_descriptors(len(texts), word_counts=[max(1, len(t.split())) for t in texts],
@@ -62,8 +63,9 @@ def control_descriptions(control: str, descriptions: Sequence[Sequence[str]], se
         return shuffled_across_classes(descriptions, seed)
     if control == "name_only":
         return [[""] for _ in descriptions]
-    if control == "generic":
+    if control == "generic":  # the same seeded order of the modality's list for every class, M_c of them
         if not generic:
             raise KPLInputError("the generic control needs the modality's generic descriptions")
-        return [list(generic) for _ in descriptions]
+        order = random.Random(seed).sample(list(generic), len(generic))
+        return [[order[j % len(order)] for j in range(len(texts))] for texts in descriptions]
     raise KPLInputError(f"unknown knowledge control {control!r}; known: {CONTROLS}")

@@ -265,6 +265,7 @@ class MethodSpec:
     transport: str | None = None  # default transport when the config leaves it open (else the mode's)
     config: type = KPLConfig  # the class of the method's switches
     controls: bool = False  # needs TextEmbeddings.controls (the knowledge controls)
+    descriptions: bool = True  # needs a knowledge base's descriptions (else class names suffice)
     uses: frozenset[str] | None = None  # the config fields it reads (None: all)
 
 
@@ -272,17 +273,18 @@ _NO_RETRIEVAL = frozenset(f.name for f in dataclasses.fields(KPLConfig)) - {"k",
 
 
 METHODS: dict[str, MethodSpec] = {
-    "zero_shot": MethodSpec(zero_shot, "CLIP zero-shot with class-name prompts", modes=False, uses=frozenset()),
+    "zero_shot": MethodSpec(zero_shot, "CLIP zero-shot with class-name prompts", modes=False, uses=frozenset(),
+                            descriptions=False),
     "descriptor_mean": MethodSpec(descriptor_mean, "all descriptions of a class averaged, no learning", modes=False,
                                   uses=frozenset()),
     "waffle": MethodSpec(waffle, "WaffleCLIP: random-word prompts averaged, no learning", modes=False, controls=True,
                          uses=frozenset({"seed"})),
     "clip_dn": MethodSpec(clip_dn, "CLIP-DN: zero-shot with distribution normalisation", modes=False,
-                          config=CLIPDNConfig),
+                          config=CLIPDNConfig, descriptions=False),
     "transclip": MethodSpec(transclip, "TransCLIP: transductive Gaussian mixture + kNN Laplacian", modes=False,
-                            config=TransCLIPConfig),
+                            config=TransCLIPConfig, descriptions=False),
     "inmap": MethodSpec(inmap, "InMaP: class names + balanced Sinkhorn + proxy learning", transport="inmap_sinkhorn",
-                        uses=_NO_RETRIEVAL),
+                        uses=_NO_RETRIEVAL, descriptions=False),
     "kpl": MethodSpec(kpl, "KPL in the config's mode (reference by default)"),
     "kpl_reference": MethodSpec(kpl, "KPL as the authors' code computes it", fixed_mode="reference"),
     "kpl_corrected": MethodSpec(kpl, "KPL as the method intends", fixed_mode="corrected"),

@@ -9,7 +9,8 @@ Every description :math:`t_{cm}` of class :math:`c` (the embedding of the prompt
 the top-:math:`K_c` descriptions are averaged, and the average is projected back to the sphere:
 
 .. math::
-    w_c = \frac{\sum_{m \in \mathrm{top}K_c(s_{c\cdot})} t_{cm}}{\big\|\sum_{m \in \mathrm{top}K_c(s_{c\cdot})} t_{cm}\big\|} ,
+    w_c = \frac{\sum_{m \in S_c} t_{cm}}{\big\|\sum_{m \in S_c} t_{cm}\big\|}, \qquad
+    S_c = \mathrm{top}K_c(s_{c\cdot}) ,
     \qquad L = X W^\top .
 
 The retrieval is dataset-level, as released: every image shares the same selected descriptions.
