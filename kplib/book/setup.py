@@ -100,7 +100,9 @@ class Chapter:
 
     def table(self, df: pd.DataFrame, caption: str | None = None, precision: int = 3):
         """``df`` with a caption naming the encoder once, instead of a column repeating it on every row."""
-        return df.style.set_caption(caption or f"Encoder: {self.label}").format(precision=precision)
+        cells = [{"selector": sel, "props": [("padding", "0.15em 0.6em")]} for sel in ("th", "td")]
+        return (df.style.set_caption(caption or f"Encoder: {self.label}").format(precision=precision)
+                .set_table_styles(cells, overwrite=False))
 
     @contextmanager
     def real_images(self, title: str = "Run on your images", note: str = REAL_IMAGES_NOTE):
