@@ -48,15 +48,18 @@ COMMON_PARAMETERS = {"MODEL": "standin", "LIMIT_PER_CLASS": 8, "SEED": 0}
 
 
 def _check_balancing_study(out: Path) -> None:
-    _check_csvs(out, ("balancing_study.csv", "k_sensitivity.csv"))
+    _check_csvs(out, ("balancing_study.csv", "transport_ablation.csv"))
     df = pd.read_csv(out / "balancing_study.csv")
     assert {"world", "imbalance", "method", "seed", "accuracy", "balanced_accuracy", "encoder"} <= set(df.columns)
     assert df["accuracy"].between(0, 1).all() and df["balanced_accuracy"].between(0, 1).all()
     assert (df["encoder"].str.contains("SIMULATED")).all()
     assert df["imbalance"].nunique() >= 2 and df["method"].nunique() >= 3
-    k = pd.read_csv(out / "k_sensitivity.csv")
-    assert {"k", "method", "accuracy", "encoder"} <= set(k.columns) and k["k"].nunique() >= 2
-    assert k["accuracy"].between(0, 1).all()
+    ablation = pd.read_csv(out / "transport_ablation.csv")
+    assert {"counts", "seed", "variant", "accuracy", "encoder"} <= set(ablation.columns)
+    assert set(ablation["counts"]) == {"exact", "multinomial"} and ablation["variant"].nunique() >= 5
+    assert ablation["accuracy"].between(0, 1).all() and ablation["encoder"].str.contains("SIMULATED").all()
+    moves = pd.read_csv(out / "transport_moves.csv")
+    assert {"counts", "transport", "direction", "images"} <= set(moves.columns) and (moves["images"] >= 0).all()
     meta = json.loads((out / "run.json").read_text())
     assert meta["encoder"].startswith("SIMULATED") and meta["seed"] == 0
 
@@ -142,12 +145,11 @@ EXPECTATIONS: dict[str, dict[str, Any]] = {
         "min_figures": 9,
     },
     "05_benchmark.ipynb": {
-        "parameters": {"DATASETS": ["tb_cxr_nitrd_da", "malaria_cells"], "N_BOOTSTRAP": 50,
-                       "SCALING_NS": [50, 100]},
-        "files": ["datasets.csv", "results.csv", "results_table.csv", "reported_by_authors.csv", "scaling.csv",
+        "parameters": {"DATASETS": ["tb_cxr_nitrd_da", "malaria_cells"], "N_BOOTSTRAP": 50, "SIM_IMAGES": 400},
+        "files": ["datasets.csv", "sim_results.csv", "sim_paired.csv", "results.csv", "reported_by_authors.csv",
                   "run.json"],
-        "check": lambda out: _check_csvs(out, ("results.csv",)),
-        "min_figures": 1,
+        "check": lambda out: _check_csvs(out, ("results.csv", "sim_results.csv")),
+        "min_figures": 2,
     },
     "06_playground.ipynb": {
         "parameters": {"N_IMAGES": 200, "DIM": 64},
@@ -156,10 +158,10 @@ EXPECTATIONS: dict[str, dict[str, Any]] = {
         "min_figures": 7,  # the default run and one static panel per knob (six)
     },
     "07_balancing_study.ipynb": {
-        "parameters": {"N_IMAGES": 200, "SEEDS": [0], "IMBALANCES": [1.0, 10.0], "KS": [2, 8], "ITERS_PROXY": 200},
-        "files": ["balancing_study.csv", "k_sensitivity.csv", "run.json"],
+        "parameters": {"N_IMAGES": 200, "SEEDS": [0], "IMBALANCES": [1.0, 10.0]},
+        "files": ["balancing_study.csv", "transport_moves.csv", "transport_ablation.csv", "run.json"],
         "check": _check_balancing_study,
-        "min_figures": 3,
+        "min_figures": 5,
     },
 }
 
