@@ -118,8 +118,12 @@ class Encoder:
                  dtype: str = "float32", batch_size: int = 32):
         self.dtype = check("dtype", dtype, Options(*DTYPES))
         self.batch_size = check("batch_size", batch_size, Interval(int, 1))
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        try:
+            self.device = torch.device(device)
+            self.model = model.to(self.device).eval()
+        except (RuntimeError, AssertionError) as exc:  # unknown device string, or CUDA absent/not compiled in
+            raise KPLInputError(f"cannot use torch device {str(device)!r}: {_first_line(exc)}. Choose an available "
+                                "one " + fix(cli="--device cpu", python="device='cpu'") + " or set KPL_DEVICE") from None
         self.tokenizer, self.processor, self.identity = tokenizer, processor, identity
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.embed_dim = int(model.config.projection_dim)
@@ -410,8 +414,7 @@ def _cannot_load(name: str, why: str) -> KPLInputError:
 def _warn_standin(reason: str) -> None:
     msg = (f"USING THE UNTRAINED STAND-IN ENCODER (random CLIP, seed {STANDIN_SEED}): every number it produces is "
            f"meaningless and must not be reported as a result. {reason}")
-    log.warning(msg)
-    warnings.warn(msg, StandInWarning, stacklevel=3)
+    warnings.warn(msg, StandInWarning, stacklevel=3)  # one channel: the CLI and the book turn it into one banner
 
 
 def _first_line(exc: BaseException) -> str:
