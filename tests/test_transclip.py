@@ -18,10 +18,7 @@ from kplib.method.transclip import (
     transclip_z_update,
 )
 
-try:  # the simulator is moving into the method layer
-    from kplib.method.simulate import preset
-except ImportError:
-    from kplib.simulate import preset
+from kplib.method.simulate import preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
