@@ -324,10 +324,10 @@ def resolve_config(method: str, config: Any = None, **overrides) -> Any:
         return cfg
     mode = spec.fixed_mode or cfg.mode or "reference"
     tr = cfg.transport or spec.transport or ("released_greenkhorn" if mode == "reference" else "semidual")
-    if tr == "released_greenkhorn" and cfg.class_marginal == "gamma":
+    if tr == "released_greenkhorn" and cfg.class_marginal == "gamma" and cfg.gamma > 0:
         raise KPLInputError(
-            "the released greedy transport fails for gamma > 0 (a shape mismatch in the authors' code), so reference "
-            "mode does not run class_marginal='gamma'; use the released file's Sinkhorn, which handles it, "
+            f"the released greedy transport fails for gamma > 0 (a shape mismatch in the authors' code), so it does "
+            f"not run gamma={cfg.gamma}; use the released file's Sinkhorn, which handles it, "
             + fix(cli="--transport inmap_sinkhorn", python="transport='inmap_sinkhorn'") + ", or corrected mode")
     return dataclasses.replace(
         cfg, mode=mode, transport=tr, k_rule=cfg.k_rule or ("running_min" if mode == "reference" else "per_class"),

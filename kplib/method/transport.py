@@ -23,6 +23,7 @@ reach) the marginals. :func:`transport` takes the logits, ``tau_t`` and ``q`` an
   image marginal exactly and the class marginal to the solver's tolerance; rows rescaled to sum to 1.
 * ``"sinkhorn_log"``, ``"greenkhorn"`` — POT's log-domain Sinkhorn and Greenkhorn (Altschuler, Weed & Rigollet
   2017) on the same problem, to a tolerance; rows rescaled to sum to 1.
+* ``"none"`` — no transport: :math:`P^0` itself (an ablation).
 
 Marginal errors in :class:`TransportResult` are measured on the coupling scale (rows 1/N, columns q) whatever the
 scale a routine returns, so solvers can be compared. Class marginals: :func:`class_marginal`.
@@ -112,6 +113,12 @@ def _inmap_sinkhorn(logits: Tensor, tau_t: float, q: Tensor, iters: int, **_) ->
     return TransportResult(p * n, iters, None, *_errors(p, q), "inmap_sinkhorn")
 
 
+def _no_transport(logits: Tensor, tau_t: float, q: Tensor, **_) -> TransportResult:
+    """No transport: the pseudo-labels P0 as they are (rows sum to 1), for ablations."""
+    p0 = torch.softmax(logits / tau_t, dim=1)
+    return TransportResult(p0, 0, None, *_errors(p0 / p0.shape[0], q), "none")
+
+
 def _rows_to_one(coupling: Tensor, dtype: torch.dtype) -> Tensor:
     return (coupling / coupling.sum(dim=1, keepdim=True).clamp_min(torch.finfo(coupling.dtype).tiny)).to(dtype)
 
@@ -161,6 +168,7 @@ TRANSPORT_METHODS = {
     "semidual": _semidual,
     "sinkhorn_log": _pot_sinkhorn,
     "greenkhorn": _pot_sinkhorn,
+    "none": _no_transport,
 }
 
 
