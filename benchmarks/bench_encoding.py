@@ -11,7 +11,8 @@ Everything is measured in one process, so ratios are meaningful on a shared, noi
    image processor included).
 
 Printed: fraction of the GEMM bound reached (GEMM time ÷ forward time, at most 1), bf16 autocast's speed-up over
-float32, the share of encoding time spent outside the forward, and the cosine between bf16 and fp32 embeddings.
+float32 (forward, and encode_images end to end), the image processor's share of the encoding time, and the cosine
+between bf16 and fp32 embeddings.
 Weights are random (speed does not depend on their values); each time is the best of ``--repeats`` rounds.
 
 Run: ``python benchmarks/bench_encoding.py [--quick] [--repeats N] [--batch B]``.
@@ -41,18 +42,14 @@ SMALL_TEXT = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128, 
               "num_attention_heads": 2, "max_position_embeddings": 77}
 
 
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def gemm_seconds(cfg: dict, batch: int, dtype: torch.dtype, repeats: int) -> float:
-    """Seconds of the forward's matrix products alone (one layer timed, times the number of layers)."""
+def gemm_ops(cfg: dict, batch: int, dtype: torch.dtype):
+    """A function running the forward's matrix products alone, on random operands of the same shapes and dtype."""
     d, m, heads, p = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["patch_size"]
     patches = (cfg["image_size"] // p) ** 2
     tokens, dh = patches + 1, d // heads
@@ -73,11 +70,14 @@ def gemm_seconds(cfg: dict, batch: int, dtype: torch.dtype, repeats: int) -> flo
     layer = [linear(rows, d, d) for _ in range(4)] + [linear(rows, d, m), linear(rows, m, d),
                                                       bmm(batch * heads, tokens, dh, tokens),
                                                       bmm(batch * heads, tokens, tokens, dh)]
-    once = [linear(batch * patches, 3 * p * p, d), linear(batch, d, cfg["projection_dim"])]
-    with torch.inference_mode():
-        t_layer = best(lambda: [op() for op in layer], repeats)
-        t_once = best(lambda: [op() for op in once], repeats)
-    return cfg["num_hidden_layers"] * t_layer + t_once
+    ops = [linear(batch * patches, 3 * p * p, d)] + layer * cfg["num_hidden_layers"] + [
+        linear(batch, d, cfg["projection_dim"])]
+
+    def run():
+        with torch.inference_mode():
+            for op in ops:
+                op()
+    return run
 
 
 def build_encoder(cfg: dict, dtype: str) -> Encoder:
@@ -91,22 +91,30 @@ def build_encoder(cfg: dict, dtype: str) -> Encoder:
 
 
 def measure(cfg: dict, batch: int, repeats: int) -> dict:
-    """Times of the GEMM bound, the forward and encode_images in fp32 and bf16, and the bf16/fp32 cosine."""
+    """Best times of the GEMM bound, the forward, the image processor and encode_images in fp32 and bf16 (each round
+    times all of them, so they see the same machine load), and the min cosine between bf16 and fp32 embeddings."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
     pixels = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
-    out: dict = {}
     fp32 = build_encoder(cfg, "float32")
+    out: dict = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         enc = fp32 if name == "fp32" else Encoder(fp32.model, fp32.tokenizer, fp32.processor, fp32.identity,
                                                   dtype="bfloat16")
 
         def forward(enc=enc):
             with torch.inference_mode(), enc._autocast():
-                return enc.model.get_image_features(pixel_values=pixels)
+                enc.model.get_image_features(pixel_values=pixels)
 
-        out[name] = {"gemm": gemm_seconds(cfg, batch, dtype, repeats), "forward": best(forward, repeats),
-                     "encode": best(lambda enc=enc: enc.encode_images(images, batch_size=batch), repeats)}
+        steps = {"gemm": gemm_ops(cfg, batch, dtype), "forward": forward,
+                 "preprocess": lambda enc=enc: enc.processor(images=images, return_tensors="pt"),
+                 "encode": lambda enc=enc: enc.encode_images(images, batch_size=batch)}
+        for fn in steps.values():
+            fn()  # warm-up: allocations, kernel selection
+        out[name] = dict.fromkeys(steps, float("inf"))
+        for _ in range(repeats):
+            for k, fn in steps.items():
+                out[name][k] = min(out[name][k], timed(fn))
         out[name]["embeddings"] = enc.encode_images(images, batch_size=batch)
     out["cosine"] = float((out["fp32"]["embeddings"] * out["bf16"]["embeddings"]).sum(1).min())
     return out
@@ -116,15 +124,15 @@ def report(label: str, cfg: dict, batch: int, repeats: int, r: dict) -> None:
     tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
     print(f"{label}: {cfg['num_hidden_layers']} layers, width {cfg['hidden_size']}, {tokens} tokens, random weights; "
           f"batch {batch}, best of {repeats}, {torch.get_num_threads()} torch threads")
-    print(f"{'':16} | {'forward / GEMM bound':>21} | {'outside the forward':>19}")
+    print(f"{'':16} | {'fraction of GEMM bound':>22} | {'preprocessing share':>19}")
     for name in ("fp32", "bf16"):
         t = r[name]
-        print(f"{name + (' autocast' if name == 'bf16' else ''):16} | {t['gemm'] / t['forward']:>21.2f} | "
-              f"{1 - t['forward'] / t['encode']:>18.0%}")
+        print(f"{name + (' autocast' if name == 'bf16' else ''):16} | {t['gemm'] / t['forward']:>22.2f} | "
+              f"{t['preprocess'] / (t['preprocess'] + t['forward']):>19.0%}")
     print(f"bf16 autocast over fp32: forward x{r['fp32']['forward'] / r['bf16']['forward']:.2f}, encode_images "
           f"x{r['fp32']['encode'] / r['bf16']['encode']:.2f}; min cosine bf16 vs fp32 {r['cosine']:.6f}")
-    print("(forward / GEMM bound: time of the forward's matrix products alone ÷ time of the forward, at most 1; "
-          "outside the forward: image preprocessing and batching, share of encode_images' time)")
+    print("(fraction of GEMM bound: time of the forward's matrix products alone ÷ time of the forward, at most 1; "
+          "preprocessing share: the image processor's time ÷ (processor + forward))")
 
 
 def main(argv=None) -> int:

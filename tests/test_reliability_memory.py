@@ -26,12 +26,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 N_LARGE = int(os.environ.get("KPL_MEMTEST_N", "50000"))
 N_SMALL = 2000
+#: Measured (2-core shared machine, stand-in, batch 64): peak RSS 663 MB for 2,000 images and 766 MB for 50,000
+#: (+103 MB: the output buffer of 65,536 × 256 float32 rows is 64 MB, its trimmed copy 49 MB). Before the encoder wrote
+#: each batch into an output allocated up front, the per-batch output tensors kept until the end fragmented glibc's heap
+#: and the peak grew ~100-150 kB per image (2,000 → 10,000 images: +128 MB).
 #: Allowed growth from N_SMALL to N_LARGE: the output held twice (2 × 256 × 4 bytes per image) + ~1 kB per image,
-#: plus a fixed 100 MB for allocator noise: 247 MB for 50,000 images. Measured (2-core shared machine, stand-in,
-#: batch 64): see the report printed by the test (-s).
+#: plus a fixed 100 MB for allocator noise: 247 MB for 50,000 images.
 PER_IMAGE_BYTES = 2 * 256 * 4 + 1024
 FIXED_MARGIN_MB = 100
-#: Absolute ceiling (the old encoder measured 851 MB for 50,000 images); 1.5 GB leaves a margin for library versions.
+#: Absolute ceiling: 1.5 GB, twice the measured 766 MB (a margin for torch/transformers versions).
 CEILING_MB = 1536
 
 CHILD = (

@@ -6,6 +6,7 @@ import errno
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -312,6 +313,9 @@ def test_unwritable_store_warns_once_and_results_stay_right(monkeypatch, caplog,
     enc = Encoder()
     reference = embed(EmbeddingStore(NS), items[:10], enc)         # some embeddings stored before the fault
     fault(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)               # all hits: nothing to write, nothing to say
+        assert torch.equal(embed(EmbeddingStore(NS), items[:10], enc), reference)
     store = EmbeddingStore(NS)
     caplog.set_level(logging.WARNING, logger="kplib")
     with warnings.catch_warnings(record=True) as seen:
@@ -324,7 +328,7 @@ def test_unwritable_store_warns_once_and_results_stay_right(monkeypatch, caplog,
     assert torch.equal(first[:10], reference) and torch.equal(first, second)
     assert torch.equal(first, Encoder()(items))                  # what an encoding without a store gives
     assert store.stats.hits == 20 and store.stats.writes == 0 and not store.writable   # reads still served
-    assert enc.calls == 10 + 20 + 20
+    assert enc.calls == 10 + 20 + 20 and store.stats.misses == 40
     assert [p for p in store.folder.iterdir() if p.name.endswith(".tmp")] == []         # nothing half-written
 
 
@@ -374,7 +378,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, repr(NS), tag, str(tmp_path)], cwd=REPO, env=env,
                               stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
     for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+        err = p.communicate(timeout=600)[1]
+        assert p.returncode == 0, err[-2000:]
     store = EmbeddingStore(NS, root=tmp_path)
     for tag in ("a", "b"):
         for i in range(40):
@@ -384,3 +389,39 @@ def test_concurrent_writers_lose_nothing(tmp_path):
             assert found.all(), (tag, i)
             assert torch.equal(got, torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=1))
     assert len(shards(store)) <= 2 * MAX_SHARDS and store.stats.damaged == 0
+
+
+KILLED = textwrap.dedent("""
+    import sys, torch
+    from kplib.io.store import EmbeddingStore, content_key
+    store = EmbeddingStore(eval(sys.argv[1]), root=sys.argv[2])
+    for i in range(1_000_000):
+        g = torch.Generator().manual_seed(i)
+        store.put([content_key(f"item {i}".encode())], torch.nn.functional.normalize(torch.randn(1, 16, generator=g)))
+        print(i, flush=True)
+""")
+
+
+def test_sigkill_while_writing_leaves_only_whole_shards(tmp_path):
+    """A process putting (and merging) as fast as it can is SIGKILLed: every row left behind is exact, or absent."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, repr(NS), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 60:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    store = EmbeddingStore(NS, root=tmp_path)
+    keys = [content_key(f"item {i}".encode()) for i in range(200)]
+    found, got = store.get(keys)
+    assert store.stats.damaged == 0 and found[:60].all()          # everything reported written is there
+    for i in torch.nonzero(found).flatten().tolist():
+        g = torch.Generator().manual_seed(i)
+        assert torch.equal(got[i], torch.nn.functional.normalize(torch.randn(1, 16, generator=g))[0]), i
+    store.put(keys[-1:], unit_rows(1))                             # and the store keeps working
+    assert torch.equal(EmbeddingStore(NS, root=tmp_path).get(keys[-1:])[1], unit_rows(1))

@@ -159,7 +159,7 @@ class EmbeddingStore:
             return 0
         keep = _sorted_unique(q)
         try:
-            self._write(_new_name(), q[keep], x.shape[1], (x[keep[j:j + _CHUNK]] for j in range(0, len(keep), _CHUNK)))
+            self._write(_new_name(), q[keep], x.shape[1], _gather(x, keep))
         except OSError as exc:
             self._disable(exc)
             return 0
@@ -180,7 +180,7 @@ class EmbeddingStore:
         for name in (n for n in names if n not in self._open and n not in self._bad):
             try:
                 keys, rows = (_load_npy(self.folder / f"{name}.{part}.npy") for part in ("keys", "rows"))
-                if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32:
+                if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32 or not len(keys):
                     raise ValueError(f"keys of dtype {keys.dtype} and shape {keys.shape}, not uint8 (n, 32)")
                 if rows.dtype != np.dtype("<f4") or rows.shape[:1] != keys.shape[:1] or rows.shape[1:] != (
                         self._dim or rows.shape[1],):
@@ -243,9 +243,10 @@ class EmbeddingStore:
         row = np.concatenate([np.arange(len(s.keys)) for s in shards])[keep]
 
         def blocks():
+            buf = np.empty((_CHUNK, shards[0].rows.shape[1]), np.float32)
             for j in range(0, len(keep), _CHUNK):
                 s, r = src[j:j + _CHUNK], row[j:j + _CHUNK]
-                block = np.empty((len(s), shards[0].rows.shape[1]), np.float32)
+                block = buf[:len(s)]
                 for i in np.unique(s):
                     block[s == i] = shards[i].rows[r[s == i]]
                     if not _unit_rows(block[s == i]):
@@ -295,6 +296,13 @@ def _sorted_unique(keys: np.ndarray) -> np.ndarray:
     order = np.argsort(_prefix(keys), kind="stable")
     k = keys[order].view(np.uint64)
     return order[np.append((k[1:] != k[:-1]).any(1), True)]
+
+
+def _gather(x: np.ndarray, idx: np.ndarray) -> Iterable[np.ndarray]:
+    """``x[idx]`` a chunk at a time, in one reused buffer (no fresh pages to fault in per chunk)."""
+    buf = np.empty((min(_CHUNK, len(idx)), x.shape[1]), np.float32)
+    for j in range(0, len(idx), _CHUNK):
+        yield np.take(x, idx[j:j + _CHUNK], axis=0, out=buf[:len(idx[j:j + _CHUNK])])
 
 
 def _new_name() -> str:
