@@ -128,7 +128,7 @@ def report(label: str, cfg: dict, batch: int, repeats: int, r: dict) -> None:
     for name in ("fp32", "bf16"):
         t = r[name]
         print(f"{name + (' autocast' if name == 'bf16' else ''):16} | {t['gemm'] / t['forward']:>22.2f} | "
-              f"{t['preprocess'] / (t['preprocess'] + t['forward']):>19.0%}")
+              f"{t['preprocess'] / (t['preprocess'] + t['forward']):>19.1%}")
     print(f"bf16 autocast over fp32: forward x{r['fp32']['forward'] / r['bf16']['forward']:.2f}, encode_images "
           f"x{r['fp32']['encode'] / r['bf16']['encode']:.2f}; min cosine bf16 vs fp32 {r['cosine']:.6f}")
     print("(fraction of GEMM bound: time of the forward's matrix products alone ÷ time of the forward, at most 1; "

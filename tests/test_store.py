@@ -425,3 +425,22 @@ def test_sigkill_while_writing_leaves_only_whole_shards(tmp_path):
         assert torch.equal(got[i], torch.nn.functional.normalize(torch.randn(1, 16, generator=g))[0]), i
     store.put(keys[-1:], unit_rows(1))                             # and the store keeps working
     assert torch.equal(EmbeddingStore(NS, root=tmp_path).get(keys[-1:])[1], unit_rows(1))
+
+
+def test_large_lookups_split_over_threads_give_the_same_rows():
+    n = 5 * store_mod._CHUNK * store_mod._THREADS                 # above the threshold for splitting the queries
+    ns = {**NS, "embed_dim": 8}
+    keys, rows = keys_for(n), unit_rows(n, d=8, seed=3)
+    store = EmbeddingStore(ns)
+    store.put(keys[: n // 2], rows[: n // 2])
+    store.put(keys[n // 2:], rows[n // 2:])                        # two shards
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(4)).tolist()
+    query = [keys[i] for i in perm] + keys_for(7, tag="absent")
+    found, got = EmbeddingStore(ns).get(query)
+    assert found[:n].all() and not found[n:].any()
+    assert torch.equal(got[:n], rows[perm]) and not got[n:].any()
+    (first, _) = shards(store)
+    _damage_nan(first)                                             # a damaged shard is found in any thread's part
+    fresh = EmbeddingStore(ns)
+    found, got = fresh.get(query)
+    assert fresh.stats.damaged == 1 and int(found.sum()) == n - n // 2

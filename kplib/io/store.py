@@ -44,7 +44,7 @@ MAX_SHARDS = 8        # more shards than this trigger a merge after a put
 UNIT_TOL = 1e-4       # largest | ||x||^2 - 1 | of a stored row (float32 normalisation errors are ~1e-6)
 FORMAT = "kplib-embeddings-v1"
 _CHUNK = 1024         # rows copied at a time: a few MB, so checks and copies run from the CPU cache
-_THREADS = min(4, os.cpu_count() or 1)   # numpy releases the GIL while it copies
+_THREADS = min(4, os.cpu_count() or 1)   # numpy releases the GIL while it sorts, searches and copies
 _STALE_S = 3600       # leftovers of killed writers older than this are removed when merging
 
 
@@ -124,16 +124,19 @@ class EmbeddingStore:
         out = np.empty((len(q), shards[0].rows.shape[1] if shards else (self._dim or 0)), np.float32)
         found = np.zeros(len(q), bool)
         if len(q) and shards:
-            qp = _prefix(q)
-            order = np.argsort(qp)
-            sq, sk, todo = qp[order], q[order].view(np.uint64), np.arange(len(q))
-            for shard in shards:  # newest first
-                pos = np.minimum(np.searchsorted(shard.prefix, sq[todo]), len(shard.prefix) - 1)
-                hit = (shard.prefix[pos] == sq[todo]) & (shard.keys.view(np.uint64)[pos] == sk[todo]).all(1)
-                if hit.any() and not _copy_rows(shard.rows, pos[hit], out, order[todo[hit]]):
+            qp, q64, todo = _prefix(q), q.view(np.uint64), np.arange(len(q))
+            for shard in shards:  # newest first; the queries split over threads, each sorted, found and copied
+                if len(todo) <= 4 * _CHUNK * _THREADS:
+                    hits = [_lookup(shard, qp, q64, todo, out)]
+                else:
+                    with ThreadPoolExecutor(_THREADS) as pool:
+                        hits = list(pool.map(lambda part, shard=shard: _lookup(shard, qp, q64, part, out),
+                                             np.array_split(todo, _THREADS)))
+                if any(h is None for h in hits):
                     self._drop(shard.name, "rows that are not finite unit vectors")
                     continue
-                found[order[todo[hit]]] = True
+                hit = np.concatenate(hits)
+                found[todo[hit]] = True
                 todo = todo[~hit]
         out[~found] = 0
         self.stats.hits += int(found.sum())
@@ -182,8 +185,8 @@ class EmbeddingStore:
                 keys, rows = (_load_npy(self.folder / f"{name}.{part}.npy") for part in ("keys", "rows"))
                 if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32 or not len(keys):
                     raise ValueError(f"keys of dtype {keys.dtype} and shape {keys.shape}, not uint8 (n, 32)")
-                if rows.dtype != np.dtype("<f4") or rows.shape[:1] != keys.shape[:1] or rows.shape[1:] != (
-                        self._dim or rows.shape[1],):
+                if rows.dtype != np.dtype("<f4") or rows.ndim != 2 or len(rows) != len(keys) or \
+                        rows.shape[1] != (self._dim or rows.shape[1]):
                     raise ValueError(f"rows of dtype {rows.dtype} and shape {rows.shape} for {len(keys)} keys")
                 prefix = _prefix(keys)
                 if (prefix[1:] < prefix[:-1]).any():
@@ -261,9 +264,12 @@ class EmbeddingStore:
         for s in shards:
             self._delete(s.name)
         for p in self.folder.iterdir():  # leftovers of killed writers: temporary files, rows whose keys never came
-            if (p.name.endswith(".tmp") or p.name.endswith(".rows.npy") and not p.with_name(
-                    p.name[:-len("rows.npy")] + "keys.npy").exists()) and p.stat().st_mtime < time.time() - _STALE_S:
-                p.unlink(missing_ok=True)
+            try:
+                if (p.name.endswith(".tmp") or p.name.endswith(".rows.npy") and not p.with_name(
+                        p.name[:-len("rows.npy")] + "keys.npy").exists()) and p.stat().st_mtime < time.time() - _STALE_S:
+                    p.unlink()
+            except OSError:  # removed meanwhile by another process
+                pass
 
     def _disable(self, exc: OSError) -> None:
         if self.writable:
@@ -275,12 +281,12 @@ class EmbeddingStore:
 
 
 def _key_array(keys: Sequence[bytes]) -> np.ndarray:
-    keys = list(keys)
+    keys = keys if isinstance(keys, list) else list(keys)
     try:
-        joined, ok = b"".join(keys), bool((np.fromiter(map(len, keys), np.int64, len(keys)) == 32).all())
+        joined = b"".join(keys)
     except TypeError:
-        ok = False
-    if not ok:
+        joined = b""
+    if len(joined) != 32 * len(keys) or len(set(map(len, keys))) > 1:
         bad = next(k for k in keys if not isinstance(k, (bytes, bytearray)) or len(k) != 32)
         raise KPLInputError(f"store keys must be 32-byte digests from content_key or text_key, got {bad!r:.80}")
     return np.frombuffer(joined, np.uint8).reshape(len(keys), 32)
@@ -313,21 +319,23 @@ def _unit_rows(x: np.ndarray) -> bool:
     return bool((np.abs(np.einsum("ij,ij->i", x, x) - 1) <= UNIT_TOL).all())
 
 
-def _copy_rows(src: np.ndarray, src_idx: np.ndarray, out: np.ndarray, dst_idx: np.ndarray) -> bool:
-    """``out[dst_idx] = src[src_idx]`` for ascending ``src_idx``, a chunk at a time on :data:`_THREADS` threads; False
-    (``out`` partly written) when a row is not a finite unit vector."""
-    def copy(j: int) -> bool:
-        s = src_idx[j:j + _CHUNK]
-        block = src[s[0]:s[-1] + 1] if s[-1] - s[0] == len(s) - 1 else src[s]
-        if _unit_rows(block):
-            out[dst_idx[j:j + _CHUNK]] = block
-            return True
-        return False
-
-    if len(src_idx) <= _CHUNK:
-        return copy(0)
-    with ThreadPoolExecutor(_THREADS) as pool:
-        return all(list(pool.map(copy, range(0, len(src_idx), _CHUNK))))
+def _lookup(shard: _Shard, qp: np.ndarray, q64: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+    """Find queries ``idx`` in ``shard`` (sorted by prefix, searched, full keys compared) and copy the rows found into
+    ``out``; returns the hit mask over ``idx``, or None (``out`` partly written) if a row is not a finite unit vector."""
+    order = np.argsort(qp[idx])
+    sel = idx[order]
+    pos = np.minimum(np.searchsorted(shard.prefix, qp[sel]), len(shard.prefix) - 1)
+    hit = (shard.prefix[pos] == qp[sel]) & (shard.keys.view(np.uint64)[pos] == q64[sel]).all(1)
+    src, dst = pos[hit], sel[hit]  # src ascending: the shard is read front to back
+    for j in range(0, len(src), _CHUNK):
+        s = src[j:j + _CHUNK]
+        block = shard.rows[s[0]:s[-1] + 1] if s[-1] - s[0] == len(s) - 1 else shard.rows[s]
+        if not _unit_rows(block):
+            return None
+        out[dst[j:j + _CHUNK]] = block
+    mask = np.zeros(len(idx), bool)
+    mask[order[hit]] = True
+    return mask
 
 
 def _load_npy(path: Path) -> np.ndarray:
