@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kplib.io.store import EmbeddingStore  # noqa: E402
+from bench_encoding import timed  # noqa: E402
 
 
 def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
@@ -38,12 +39,8 @@ def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    """The fastest of ``repeats`` timed calls."""
+    return min(timed(fn) for _ in range(repeats))
 
 
 def measure(n: int, d: int, repeats: int, work: Path) -> dict:

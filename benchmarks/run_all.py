@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_post_encoding.py", "bench_encoding.py", "bench_cached_rerun.py"]
+SCRIPTS = ["bench_post_encoding.py", "bench_encoding.py", "bench_store.py", "bench_transclip.py", "bench_cached_rerun.py"]
 
 
 def main() -> int:
