@@ -5,23 +5,25 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_encoding as be  # noqa: E402
+import bench_store as bs  # noqa: E402
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, patch_size=32,
-            image_size=224, projection_dim=32)
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+        "patch_size": 32, "image_size": 224, "projection_dim": 32}
 
 
-def test_encoding_bench_times_every_variant_of_a_tiny_tower(capsys):
-    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    variants = ["fp32 (sdpa, inference_mode)", be.KPLIB_PATH, "bf16 autocast", be.KPLIB_BF16]
-    out = be.measure_tower("tiny", TINY, pixels, batch=2, repeats=1, variants=variants, compile_=False)
+def test_encoding_bench_times_every_step_of_a_tiny_tower(capsys):
+    r = be.measure(TINY, batch=2, repeats=1)
+    for dtype in ("fp32", "bf16"):
+        assert all(math.isfinite(r[dtype][k]) and r[dtype][k] > 0 for k in ("gemm", "forward", "preprocess", "encode"))
+    assert r["cosine"] > 0.99  # bf16 autocast embeddings against fp32 ones
+    be.report("tiny", TINY, 2, 1, r)
     printed = capsys.readouterr().out
-    assert set(out["timings"]) == set(variants)
-    assert all(math.isfinite(t.wall) and t.wall > 0 for t in out["timings"].values())
-    for name in variants[1:]:                       # every variant is checked against plain fp32
-        assert name in printed
-    assert printed.count("cosine to fp32") == len(variants) - 1
-    assert out["flops"] == be.vit_flops(TINY)["total"]
+    assert "fraction of GEMM bound" in printed and "bf16 autocast over fp32" in printed
+
+
+def test_store_bench_quick_run(capsys, tmp_path):
+    assert bs.main(["--quick", "--repeats", "1", "--dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "get / load" in printed and "10,000" in printed
