@@ -38,10 +38,6 @@ class StandInWarning(UserWarning):
     """Numbers come from the UNTRAINED stand-in encoder: they carry no meaning about CLIP or KPL."""
 
 
-class CacheError(KPLError):
-    """The embedding store cannot be used (e.g. read-only or full directory) and the caller asked to be told."""
-
-
 class CacheWarning(UserWarning):
     """The embedding store is (partly) off; results are still computed, just not stored or reused."""
 

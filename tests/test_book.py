@@ -259,7 +259,7 @@ def test_exercise_with_gated_code_solution_executes_and_collapses(tmp_path):
     assert pages["notebooks/scratch.html"].maths == 2 and pages["book/intro.html"].maths == 1
 
 
-@pytest.mark.xdist_group("book")
+@pytest.mark.xdist_group("browser")
 def test_browser_check_catches_what_it_promises(tmp_path):
     """A tiny site with one good page and one page holding each kind of defect."""
     browser_check = _load_browser_check()

@@ -293,7 +293,6 @@ def _outputs(nb) -> list:
 
 @pytest.mark.slow
 @pytest.mark.book
-@pytest.mark.xdist_group("book")
 @pytest.mark.parametrize("nb_path", [p for p in NOTEBOOKS if p.name in EXPECTATIONS], ids=_ids)
 def test_notebook_runs_under_papermill(nb_path, tmp_path, monkeypatch):
     import papermill as pm
