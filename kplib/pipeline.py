@@ -30,17 +30,18 @@ from . import __version__
 from .errors import ImageDecodeError, KPLInputError, fix
 from .io.audit import find_leaks
 from .io.datasets import ImageFolder, display_path, load_dataset, registry, unreadable_error
+from .io.descriptors import dclip_imagenet_kb
 from .io.encoders import Encoder, EncoderIdentity, load_encoder
 from .io.images import DECODE_VERSION, decode_image, read_bytes
-from .io.descriptors import dclip_imagenet_kb
 from .io.knowledge import KPL_TEMPLATE, KnowledgeBase, generic_descriptions, load_kb
 from .io.store import EmbeddingStore, content_key, text_key
 from .method import metrics
 from .method.controls import CONTROLS, control_descriptions
 from .method.methods import METHODS, MethodResult, TextEmbeddings, run_method
+from .params import Options, check
 
-__all__ = ["DEFAULT_NAME_TEMPLATES", "EmbeddingSet", "Experiment", "Comparison", "embed_images", "embed_knowledge",
-           "run", "compare"]
+__all__ = ["DEFAULT_NAME_TEMPLATES", "Comparison", "EmbeddingSet", "Experiment", "compare", "embed_images",
+           "embed_knowledge", "run"]
 
 log = logging.getLogger("kplib")
 
@@ -89,7 +90,10 @@ class EmbeddingSet:
             raise KPLInputError(f"{path} is not an embedding file written by EmbeddingSet.save ({exc})") from None
 
 
-def _read(paths: Sequence[Path]) -> tuple[list[bytes | None], list[tuple[Path, str]]]:
+def _embed_chunk(paths, out: Tensor, done: Tensor, store, encoder, stopped: bool, strict: bool, max_pixels):
+    """Fill ``out``/``done`` (this chunk's rows) from the store, else by decoding and encoding the misses. Nothing is
+    encoded once a file failed in strict mode (``stopped``: an earlier chunk). Returns the files that failed, the
+    content keys and how many images were encoded."""
     datas, bad = [], []
     for p in paths:
         try:
@@ -97,36 +101,23 @@ def _read(paths: Sequence[Path]) -> tuple[list[bytes | None], list[tuple[Path, s
         except ImageDecodeError as exc:
             datas.append(None)
             bad.append((p, exc.reason))
-    return datas, bad
-
-
-def _encode_chunk(paths, datas, out: Tensor, done: Tensor, store, encoder, halt: bool, strict: bool,
-                  max_pixels) -> tuple[list, list, int]:
-    """Fill ``out``/``done`` (this chunk's rows) from the store, else by decoding and encoding the misses — unless
-    ``halt`` (an earlier file failed) or ``strict`` and a file of this chunk cannot be decoded.
-
-    Returns the undecodable files, the content keys and how many images were encoded. Rows go straight into the
-    preallocated ``out``: keeping per-chunk tensors alive until the end fragments the heap (measured by the memory
-    test: ~100 kB more peak memory per image)."""
     keys = [content_key(d) if d is not None else None for d in datas]
     known = [i for i, k in enumerate(keys) if k is not None]
     if store is not None and known:
         found, got = store.get([keys[i] for i in known])
         hits = [i for j, i in enumerate(known) if found[j]]
-        out[hits] = got[found]
-        done[hits] = True
-    images, todo, bad = [], [], []
-    for i in known:
-        if not done[i]:
-            try:
-                images.append(decode_image(datas[i], paths[i], max_pixels=max_pixels))
-                todo.append(i)
-            except ImageDecodeError as exc:
-                bad.append((paths[i], exc.reason))
-    if not todo or halt or (strict and bad):
+        out[hits], done[hits] = got[found], True
+    images, todo = [], []
+    for i in (i for i in known if not done[i]):
+        try:
+            images.append(decode_image(datas[i], paths[i], max_pixels=max_pixels))
+            todo.append(i)
+        except ImageDecodeError as exc:
+            bad.append((paths[i], exc.reason))
+    if not todo or stopped or (strict and bad):
         return bad, keys, 0
-    new = encoder.encode_images(images)
-    out[todo], done[todo] = new, True
+    out[todo] = new = encoder.encode_images(images)  # straight into the preallocated rows: no per-chunk tensors kept
+    done[todo] = True
     if store is not None:
         store.put([keys[i] for i in todo], new)
     return bad, keys, len(todo)
@@ -142,8 +133,7 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     (after checking them all; rows encoded before the first failure are kept in the store); ``"skip"`` leaves them
     out, in ``folder.skipped``. Byte-identical files filed under different classes are reported (a labelling leak).
     """
-    if on_error not in ("stop", "skip"):
-        raise KPLInputError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    strict = check("on_error", on_error, Options("stop", "skip")) == "stop"
     encoder = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
     folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
     store = EmbeddingStore({**encoder.namespace("image"), "decode": DECODE_VERSION}) if cache else None
@@ -152,25 +142,23 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     bad, keys, encoded = [], [], 0
     with tqdm(total=len(folder), desc=f"embedding {folder.name}", unit="img", disable=not progress) as bar:
         for start in range(0, len(folder), _CHUNK):
-            paths = folder.paths[start:start + _CHUNK]
-            datas, unreadable = _read(paths)
-            strict, chunk = on_error == "stop", slice(start, start + len(paths))
-            undecodable, chunk_keys, n = _encode_chunk(paths, datas, out[chunk], done[chunk], store, encoder,
-                                                       strict and bool(bad or unreadable), strict, max_pixels)
-            bad, keys, encoded = bad + unreadable + undecodable, keys + chunk_keys, encoded + n
+            paths, rows = folder.paths[start:start + _CHUNK], slice(start, start + _CHUNK)
+            failed, chunk_keys, n = _embed_chunk(paths, out[rows], done[rows], store, encoder, strict and bool(bad),
+                                                 strict, max_pixels)
+            bad, keys, encoded = bad + failed, keys + chunk_keys, encoded + n
             bar.update(len(paths))
-    if bad and on_error == "stop":
+    if bad and strict:
         raise unreadable_error(bad, len(folder))
     leaks = find_leaks(folder, keys)
     if leaks.cross_class or leaks.aliases:
         log.warning("%s\n(`kpl audit %s` lists every finding)", leaks.message(), display_path(folder.root))
-    kept = folder.without(bad) if bad else folder
     if bad:
-        log.warning("%s", kept.skipped_summary())
-    index = {p: i for i, p in enumerate(folder.paths)}
-    emb = out[[index[p] for p in kept.paths]] if bad else out
-    stats = {"n_images": len(kept), "n_encoded": encoded, **(store.stats.as_dict() if store else {})}
-    return EmbeddingSet(folder=kept, embeddings=emb.float(), encoder=encoder.identity, stats=stats)
+        failed = {p for p, _ in bad}
+        out = out[torch.tensor([p not in failed for p in folder.paths])]
+        folder = folder.without(bad)
+        log.warning("%s", folder.skipped_summary())
+    stats = {"n_images": len(folder), "n_encoded": encoded, **(dataclasses.asdict(store.stats) if store else {})}
+    return EmbeddingSet(folder=folder, embeddings=out, encoder=encoder.identity, stats=stats)
 
 
 # ------------------------------------------------------------------------------------------------ text side
@@ -194,10 +182,6 @@ def _prompts(template: str, display: Sequence[str], descriptions: Sequence[Seque
             for text in texts]
 
 
-def _per_class(flat: Tensor, descriptions: Sequence[Sequence[str]]) -> list[Tensor]:
-    return list(flat.split([len(texts) for texts in descriptions]))
-
-
 def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encoder, class_names: Sequence[str],
                     display_names: Sequence[str] | None = None, template: str = KPL_TEMPLATE,
                     name_templates: Sequence[str] = DEFAULT_NAME_TEMPLATES, controls: bool = False, seed: int = 0,
@@ -218,13 +202,18 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encod
     display = list(display_names or (kb.display_names if kb is not None else class_names))
     descriptions = kb.descriptions() if kb is not None else [[] for _ in class_names]
     prompts = _prompts(template, display, descriptions)
-    _warn_long(encoder, prompts, [f"class {c!r}, description {m}" for c, texts in zip(class_names, descriptions)
-                                  for m in range(len(texts))])
+    labels = [f"class {c!r}, description {m}" for c, texts in zip(class_names, descriptions) for m in range(len(texts))]
+    long = [(lab, n) for lab, n in zip(labels, encoder.token_lengths(prompts) if prompts else [])
+            if n > encoder.context_length]
+    if long:
+        log.warning("%d prompt(s) exceed the text encoder's %d tokens and are truncated as CLIP does (`kpl kb "
+                    "validate` lists them): %s", len(long), encoder.context_length,
+                    "; ".join(f"{lab}: {n} tokens" for lab, n in long[:5]))
     names = [t.format(shown) for shown in display for t in name_templates]
     text = TextEmbeddings(
         class_names=list(class_names),
         name_embeddings=_encode_texts(encoder, names, cache).reshape(len(display), len(name_templates), -1),
-        description_embeddings=_per_class(_encode_texts(encoder, prompts, cache), descriptions),
+        description_embeddings=list(_encode_texts(encoder, prompts, cache).split([len(t) for t in descriptions])),
         descriptions=descriptions, templates=list(name_templates),
         meta={"encoder": encoder.identity.to_dict(), "encoder_label": encoder.identity.label,
               "kb_id": kb.kb_id if kb else None, "kb_method": kb.method if kb else None,
@@ -235,23 +224,12 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encod
         except KPLInputError as exc:  # a modality without a generic family: that one control is left out
             log.warning("knowledge control 'generic' left out: %s", exc)
             generic = None
-        for name in CONTROLS:
-            if name == "generic" and generic is None:
-                continue
+        for name in (c for c in CONTROLS if c != "generic" or generic is not None):
             texts = control_descriptions(name, descriptions, seed=seed, generic=generic)
-            text.controls[name] = _per_class(_encode_texts(encoder, _prompts(template, display, texts), cache), texts)
+            flat = _encode_texts(encoder, _prompts(template, display, texts), cache)
+            text.controls[name] = list(flat.split([len(t) for t in texts]))
         text.meta["controls"] = {"names": sorted(text.controls), "seed": seed, "modality": modality}
     return text
-
-
-def _warn_long(encoder: Encoder, prompts: list[str], labels: list[str]) -> None:
-    if not prompts:
-        return
-    long = [(lab, n) for lab, n in zip(labels, encoder.token_lengths(prompts)) if n > encoder.context_length]
-    if long:
-        log.warning("%d prompt(s) exceed the text encoder's %d tokens and are truncated as CLIP does (`kpl kb "
-                    "validate` lists them): %s", len(long), encoder.context_length,
-                    "; ".join(f"{lab}: {n} tokens" for lab, n in long[:5]))
 
 
 # ------------------------------------------------------------------------------------------------ experiments
@@ -267,27 +245,23 @@ class Experiment:
 
     def provenance(self) -> dict:
         """Deterministic record of what produced the result (no dates, timings or store statistics)."""
-        config = self.result.config
+        meta = self.text.meta
         return {"dataset": self.images.folder.describe(), "encoder": self.images.encoder.to_dict(),
-                "kb": {"kb_id": self.text.meta.get("kb_id"), "method": self.text.meta.get("kb_method"),
-                       "origin": self.text.meta.get("kb_origin")},
-                "template": self.text.meta.get("template"), "method": self.result.method,
-                "config": dataclasses.asdict(config),
-                "controls": self.text.meta.get("controls"), "kplib": __version__, "torch": torch.__version__}
+                "kb": {"kb_id": meta.get("kb_id"), "method": meta.get("kb_method"), "origin": meta.get("kb_origin")},
+                "template": meta.get("template"), "method": self.result.method,
+                "config": dataclasses.asdict(self.result.config), "controls": meta.get("controls"),
+                "kplib": __version__, "torch": torch.__version__}
 
     def summary(self) -> dict:
         """``{dataset, model, method, config, metrics}``, the shape of LAION clip_benchmark's result files."""
         keep = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci", "n")
-        prov = self.provenance()
+        m = self.metrics
         return {"dataset": self.images.folder.name, "model": self.images.encoder.label, "method": self.result.method,
-                "is_standin": self.images.encoder.is_standin, "kb": prov["kb"]["kb_id"], "config": prov["config"],
-                "metrics": None if self.metrics is None else {k: _plain(self.metrics[k]) for k in keep
-                                                              if k in self.metrics},
+                "is_standin": self.images.encoder.is_standin, "kb": self.text.meta.get("kb_id"),
+                "config": dataclasses.asdict(self.result.config),
+                "metrics": None if m is None else {k: [float(v) for v in m[k]] if isinstance(m[k], (tuple, list))
+                                                   else float(m[k]) for k in keep if k in m},
                 "date": _dt.date.today().isoformat()}
-
-
-def _plain(value):
-    return [float(v) for v in value] if isinstance(value, (tuple, list)) else float(value)
 
 
 def _default_kb(folder: ImageFolder, needs_kb: bool) -> KnowledgeBase | None:
@@ -303,41 +277,6 @@ def _default_kb(folder: ImageFolder, needs_kb: bool) -> KnowledgeBase | None:
                             + " (`kpl kb list` shows the curated ones; zero_shot, clip_dn, transclip and inmap run "
                               "on class names alone)")
     return None
-
-
-def _seed(config) -> int:
-    """The seed of ``config`` (or of the first config in a sequence that has one); 0 without."""
-    configs = config if isinstance(config, (list, tuple)) else [config]
-    return next((c.seed for c in configs if hasattr(c, "seed")), 0)
-
-
-def _prepare(dataset, encoder, kb, methods: Sequence[str], config, options: dict):
-    """Encoder, folder (an unlabelled one takes its classes from the knowledge base), images and text."""
-    specs = [METHODS[m] for m in methods if m in METHODS]
-    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
-    folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
-    if kb is None:
-        kb = _default_kb(folder, any(s.descriptions for s in specs))
-    elif not isinstance(kb, KnowledgeBase):
-        kb = load_kb(kb)
-    if folder.labels is None and not folder.class_names:
-        if kb is None:
-            raise KPLInputError("unlabelled images need their classes: give a knowledge base "
-                                + fix(cli="--kb FILE", python="kb=...") + " or the class names "
-                                + fix(cli="--classes A,B", python="load_dataset(folder, classes=[...])"))
-        folder = dataclasses.replace(folder, class_names=kb.class_names, display_names=kb.display_names)
-    images = embed_images(folder, enc, cache=options["cache"], on_error=options["on_error"],
-                          progress=options["progress"], max_pixels=options["max_pixels"])
-    text = embed_knowledge(kb, enc, images.class_names, display_names=None if kb else images.folder.display_names,
-                           template=options["template"], controls=any(s.controls for s in specs),
-                           seed=_seed(config), modality=kb.modality if kb else None, cache=options["cache"])
-    return images, text, kb
-
-
-def _evaluate(images: EmbeddingSet, result: MethodResult, seed: int, n_bootstrap: int) -> dict | None:
-    if images.labels is None:
-        return None
-    return metrics.evaluate(images.labels, result.predictions, images.class_names, n_bootstrap=n_bootstrap, seed=seed)
 
 
 def run(dataset, method: str = "kpl_corrected", encoder: Encoder | str = "auto", kb=None, config=None, *,
@@ -363,11 +302,8 @@ def run(dataset, method: str = "kpl_corrected", encoder: Encoder | str = "auto",
     The keyword options say how to get there: the embedding store (``cache``), unreadable images (``on_error``),
     progress bars, the description prompt (``template``), the decompression-bomb limit and the bootstrap size.
     """
-    options = {"cache": cache, "on_error": on_error, "progress": progress, "template": template,
-               "max_pixels": max_pixels}
-    images, text, kb = _prepare(dataset, encoder, kb, [method], config, options)
-    result = run_method(method, images.embeddings, text, config)
-    return Experiment(result, images, text, kb, _evaluate(images, result, _seed(config), n_bootstrap))
+    return compare(dataset, [method], encoder, kb, config, cache=cache, on_error=on_error, progress=progress,
+                   template=template, max_pixels=max_pixels, n_bootstrap=n_bootstrap).experiments[method]
 
 
 @dataclass
@@ -385,8 +321,7 @@ class Comparison:
             row = {"method": name}
             if exp.metrics is not None:
                 row.update({k: exp.metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
-            pair = self.paired.get(name)
-            if pair is not None:
+            if (pair := self.paired.get(name)) is not None:
                 row.update({f"Δ vs {self.reference}": pair.difference, "Δ 95% CI": pair.difference_ci,
                             "McNemar p": pair.p_value})
             rows.append(row)
@@ -400,7 +335,8 @@ def compare(dataset, methods: Sequence[str], encoder: Encoder | str = "auto", kb
     on the same images: paired bootstrap interval of the accuracy difference and exact McNemar test.
 
     ``config`` may be a sequence of configs (a :class:`KPLConfig` and baselines' own); each method takes the one of
-    its class. The keyword options are those of :func:`run`.
+    its class; the first config with a ``seed`` seeds the controls and the bootstrap. The keyword options are those
+    of :func:`run`. An unlabelled folder takes its classes from the knowledge base.
     """
     methods = list(dict.fromkeys(methods))
     if not methods:
@@ -408,14 +344,30 @@ def compare(dataset, methods: Sequence[str], encoder: Encoder | str = "auto", kb
     reference = reference or methods[0]
     if reference not in methods:
         raise KPLInputError(f"reference {reference!r} must be one of the compared methods {methods}")
-    options = {"cache": cache, "on_error": on_error, "progress": progress, "template": template,
-               "max_pixels": max_pixels}
-    images, text, kb = _prepare(dataset, encoder, kb, methods, config, options)
-    seed = _seed(config)
+    specs = [METHODS[m] for m in methods if m in METHODS]
+    seed = next((c.seed for c in (config if isinstance(config, (list, tuple)) else [config]) if hasattr(c, "seed")), 0)
+    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
+    folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
+    if kb is None:
+        kb = _default_kb(folder, any(s.descriptions for s in specs))
+    elif not isinstance(kb, KnowledgeBase):
+        kb = load_kb(kb)
+    if folder.labels is None and not folder.class_names:
+        if kb is None:
+            raise KPLInputError("unlabelled images need their classes: give a knowledge base "
+                                + fix(cli="--kb FILE", python="kb=...") + " or the class names "
+                                + fix(cli="--classes A,B", python="load_dataset(folder, classes=[...])"))
+        folder = dataclasses.replace(folder, class_names=kb.class_names, display_names=kb.display_names)
+    images = embed_images(folder, enc, cache=cache, on_error=on_error, progress=progress, max_pixels=max_pixels)
+    text = embed_knowledge(kb, enc, images.class_names, display_names=None if kb else images.folder.display_names,
+                           template=template, controls=any(s.controls for s in specs), seed=seed,
+                           modality=kb.modality if kb else None, cache=cache)
     exps = {}
     for m in methods:
         result = run_method(m, images.embeddings, text, config)
-        exps[m] = Experiment(result, images, text, kb, _evaluate(images, result, seed, n_bootstrap))
+        scores = None if images.labels is None else metrics.evaluate(
+            images.labels, result.predictions, images.class_names, n_bootstrap=n_bootstrap, seed=seed)
+        exps[m] = Experiment(result, images, text, kb, scores)
     paired = {}
     if images.labels is not None:
         ref = exps[reference].result.predictions
