@@ -1,23 +1,16 @@
 """Image folders as datasets, and the registry of the project's datasets (``datasets.json``).
 
-**Labelled layout** (the paper's ``ImageFolder``): ``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``;
-class ``c`` is ``class_names[c]``, the sorted folder names. Only files directly inside a class folder count; images
-deeper down or loose beside the class folders are left out with a warning (``kpl audit`` lists them).
+**Labelled** (the paper's ``ImageFolder``): ``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``; class ``c``
+is ``class_names[c]``, the sorted folder names. Only files directly inside a class folder count; others are left out
+with a warning (``kpl audit`` lists them). **Unlabelled**: every image under ``ROOT`` at any depth, the classes from
+the caller. A folder is unlabelled only when asked (``labelled=False`` / ``--unlabelled``, or ``classes=[...]`` /
+``--classes a,b``), so a labelled folder never silently loses its labels.
 
-**Unlabelled layout** (what zero-shot is for): every image under ``ROOT`` at any depth, no labels, the classes from
-the caller (a knowledge base or ``--classes``). The layout is never guessed: a folder is unlabelled only when asked,
-with ``labelled=False`` (``--unlabelled``) or ``classes=[...]`` (``--classes a,b``); otherwise it needs class folders
-and loose images alone are an error naming both fixes. A labelled folder can never silently lose its labels.
-
-**Images** are files named with an :data:`~kplib.io.images.IMAGE_EXTENSIONS` extension (any case) and files of any
-other name with the DICOM marker (``DICM`` at byte 128: exports named by UID). Other and hidden (``.name``) files and
-folders are ignored. Listing never writes and never hangs: class folders are read at a fixed depth, unlabelled
-folders without following folder links.
-
-**Guards**: class folders that are one folder (a symbolic-link alias) would count each image under two labels: refused
-unless ``allow_aliases=True``. An empty class folder is an error unless ``skip_empty=True`` drops it with a warning.
-File names that are not valid UTF-8 are read as usual (Python keeps the bytes as lone surrogates);
-:func:`display_path` gives their printable, reversible form, used in predictions files.
+Images are files with an :data:`~kplib.io.images.IMAGE_EXTENSIONS` extension (any case), or with the DICOM marker
+whatever their name; hidden (``.name``) files and folders are ignored. Listing never writes and never follows folder
+links into loops. Class folders that are one folder (symbolic-link aliases) are refused unless ``allow_aliases=True``,
+empty class folders unless ``skip_empty=True``. Names that are not UTF-8 are kept as Python keeps them (lone
+surrogates); :func:`display_path` gives their printable, reversible form.
 """
 from __future__ import annotations
 
@@ -29,15 +22,14 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .. import paths
 from ..errors import ImageDecodeError, KPLInputError, fix
+from ..params import Interval, check
 from .dicom import is_dicom
 from .images import IMAGE_EXTENSIONS
 
@@ -46,22 +38,18 @@ REGISTRY_FILE = Path(__file__).with_name("datasets.json")
 _ESCAPED = re.compile("[\\\\\x00-\x1f\x7f\udc80-\udcff]")  # backslash, control characters, undecodable bytes
 
 
-def _escape(m: re.Match) -> str:
-    code = ord(m.group())
-    return "\\\\" if code == 92 else f"\\x{code - 0xDC00 if code > 0xFF else code:02x}"
-
-
 def display_path(path, root=None) -> str:
     """The printable form of ``path``, relative to ``root`` when inside it, with ``/`` separators.
 
-    Escaped so that any name round-trips (:func:`parse_display_path`): a byte that is not valid UTF-8 (kept by Python
-    as the lone surrogate U+DCNN) and a control character become ``\\xNN``, a backslash ``\\\\``; all else is kept.
+    Reversible (:func:`parse_display_path`): an undecodable byte (the lone surrogate U+DCNN) and a control character
+    become ``\\xNN``, a backslash ``\\\\``.
     """
     text = os.fspath(path)
     if root is not None:
         rel = os.path.relpath(text, root)
         text = text if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
-    return _ESCAPED.sub(_escape, text.replace(os.sep, "/"))
+    return _ESCAPED.sub(lambda m: "\\\\" if m.group() == "\\" else f"\\x{ord(m.group()) & 0xFF:02x}",
+                        text.replace(os.sep, "/"))
 
 
 def parse_display_path(text: str, root=None) -> Path:
@@ -105,7 +93,7 @@ def visible_entries(folder: Path) -> list[os.DirEntry]:
         raise KPLInputError(f"cannot list folder {display_path(folder)}: {exc.strerror or exc}") from None
 
 
-def _has_images(folder: Path) -> bool:
+def _has_images(folder) -> bool:
     with contextlib.suppress(KPLInputError):
         return any(is_image_entry(e) for e in visible_entries(folder))
     return False
@@ -169,7 +157,7 @@ class ImageFolder:
                                 f"classes {fix(cli='--skip-empty-classes', python='skip_empty=True')}")
         log.warning("dropped class(es) %s of %s: no readable images", empty, display_path(self.root))
         keep = [c for c, name in enumerate(self.class_names) if name not in empty]
-        _check_classes([self.class_names[c] for c in keep], self.root, labelled=True)
+        _check_classes([self.class_names[c] for c in keep], self.root)
         return replace(out, class_names=[self.class_names[c] for c in keep], dropped_classes=[
             *self.dropped_classes, *empty], display_names=[self.display_names[c] for c in keep],
                        labels=torch.tensor([keep.index(y) for y in out.labels.tolist()], dtype=torch.long))
@@ -205,8 +193,8 @@ def unreadable_error(bad: Sequence[tuple[Path, str]], n_checked: int) -> ImageDe
 
 
 # ------------------------------------------------------------------------------------------------ listing
-def _check_classes(class_names: list[str], folder: Path, labelled: bool) -> None:
-    if labelled and len(class_names) < 2:
+def _check_classes(class_names: list[str], folder: Path) -> None:
+    if len(class_names) < 2:
         raise KPLInputError(f"{folder} has only {len(class_names)} class folder(s) {class_names}; classification "
                             "needs at least 2 classes (is the path a class folder instead of the dataset folder?)")
 
@@ -222,25 +210,22 @@ def _display_list(class_names: list[str], display_names, folder: Path) -> list[s
     if len(out) != len(class_names):
         raise KPLInputError(f"display_names has {len(out)} entries but {display_path(folder)} has {len(class_names)} "
                             f"classes {class_names}; give one per class in sorted order, or a dict folder -> name")
-    for c, d in zip(class_names, out):
-        if not d.strip():
-            raise KPLInputError(f"display_names gives an empty name for class {c!r}")
+    if empty := [c for c, d in zip(class_names, out) if not d.strip()]:
+        raise KPLInputError(f"display_names gives an empty name for class {empty[0]!r}")
     return out
 
 
 def _resolve_split(root: Path, split: str | None) -> tuple[Path, str | None]:
     """The folder holding the class folders: ``root/split``, or found (``ROOT/<class>`` or one ``ROOT/<split>``)."""
-    if split is not None:
-        folder = root / split
-        if not folder.is_dir():
-            found = [e.name for e in visible_entries(root) if _is_dir(e)]
-            raise KPLInputError(f"split folder {folder} not found (split={split!r}); sub-folders of {root}: "
-                                f"{found[:10]}. Leave the split out for ROOT/<class>/<image> or to find a single split "
-                                f"{fix(cli='no --split', python='split=None')}")
-        return folder, split
     subdirs = [e for e in visible_entries(root) if _is_dir(e)]
-    splits = [e for e in subdirs if any(_is_dir(s) and _has_images(Path(s.path)) for s in visible_entries(e.path))]
-    if not subdirs or (any(_has_images(Path(e.path)) for e in subdirs) and not (len(subdirs) == 1 and splits)):
+    if split is not None:
+        if not (root / split).is_dir():
+            raise KPLInputError(f"split folder {root / split} not found (split={split!r}); sub-folders of {root}: "
+                                f"{[e.name for e in subdirs][:10]}. Leave the split out for ROOT/<class>/<image> or "
+                                f"to find a single split {fix(cli='no --split', python='split=None')}")
+        return root / split, split
+    splits = [e for e in subdirs if any(_is_dir(s) and _has_images(s.path) for s in visible_entries(e.path))]
+    if not subdirs or (any(_has_images(e.path) for e in subdirs) and not (len(subdirs) == 1 and splits)):
         return root, None  # ROOT/<class>/<image>; a lone sub-folder holding image folders is a split
     if len(splits) > 1:
         raise KPLInputError(f"{root} holds several splits {[e.name for e in splits]}; choose one "
@@ -258,41 +243,30 @@ def class_folder_aliases(folders: Sequence[Path]) -> list[list[Path]]:
     return [g for g in seen.values() if len(g) > 1]
 
 
-def _class_entries(folder: Path, allow_aliases: bool) -> list[os.DirEntry]:
-    """The class folders of ``folder``; aliases (two names, one folder) refused unless allowed."""
-    entries, loose = [], 0
-    for e in visible_entries(folder):
-        if _is_dir(e):
-            entries.append(e)
-        elif is_image_entry(e):
-            loose += 1
-    if loose and entries:
+def _sample(files: list[Path], limit: int | None, seed: int) -> list[Path]:
+    """The shared data's rule: ``random.Random(seed).sample(sorted(files), k)``, then sorted."""
+    return files if limit is None or len(files) <= limit else sorted(random.Random(seed).sample(files, limit))
+
+
+def _class_files(folder: Path, limit, seed, skip_empty, allow_aliases) -> dict[str, list[Path]]:
+    """Every class folder's images (empty folders are an error, or kept without files when skipped)."""
+    entries = visible_entries(folder)
+    classes, loose = [e for e in entries if _is_dir(e)], sum(is_image_entry(e) for e in entries if not _is_dir(e))
+    if not classes:
+        hint = fix(cli="--unlabelled or --classes a,b", python="labelled=False or classes=[...]")
+        raise KPLInputError(f"no class folders in {display_path(folder)} (expected <folder>/<class>/<image>)"
+                            + (f"; it has images: if they are unlabelled, say so {hint}" if loose else ""))
+    if loose:
         log.warning("%d image file(s) lie directly in %s, outside any class folder: not used", loose,
                     display_path(folder))
-    for group in class_folder_aliases([Path(e.path) for e in entries]):
+    for group in class_folder_aliases([Path(e.path) for e in classes]):
         text = f"class folders {' and '.join(map(display_path, group))} are the same folder (a symbolic-link alias)"
         if not allow_aliases:
             raise KPLInputError(f"{text}: every image in it would count under {len(group)} labels. Remove the alias, "
                                 f"or use it anyway {fix(cli='--allow-aliases', python='allow_aliases=True')}")
         log.warning("%s: its images count under %d labels", text, len(group))
-    if not entries:
-        hint = fix(cli="--unlabelled or --classes a,b", python="labelled=False or classes=[...]")
-        raise KPLInputError(f"no class folders in {display_path(folder)} (expected <folder>/<class>/<image>)"
-                            + (f"; it has images: if they are unlabelled, say so {hint}" if loose else ""))
-    return entries
-
-
-def _sample(files: list[Path], limit: int | None, seed: int) -> list[Path]:
-    """The shared data's rule: ``random.Random(seed).sample(sorted(files), k)``, then sorted."""
-    if limit is None or len(files) <= limit:
-        return files
-    return sorted(random.Random(seed).sample(files, int(limit)))
-
-
-def _labelled(folder: Path, limit, seed, skip_empty, allow_aliases) -> tuple[list[str], list[list[Path]]]:
-    """(every class folder's name, its files); empty folders are an error, or kept with no files if skipped."""
-    names, files, empty = [], [], []
-    for e in _class_entries(folder, allow_aliases):
+    files, empty = {}, []
+    for e in classes:
         inside = visible_entries(Path(e.path))
         found = [Path(f.path) for f in inside if is_image_entry(f)]
         n_dirs = sum(_is_dir(f) for f in inside)
@@ -300,8 +274,7 @@ def _labelled(folder: Path, limit, seed, skip_empty, allow_aliases) -> tuple[lis
         if n_dirs:
             log.warning("class folder %s has %d sub-folder(s); images in them are not used", display_path(e.path),
                         n_dirs)
-        names.append(e.name)
-        files.append(_sample(found, limit, seed))
+        files[e.name] = _sample(found, limit, seed)
         if not found:
             has = " and ".join([f"{n_other} non-image file(s)"] * bool(n_other)
                                + [f"{n_dirs} sub-folder(s), not searched"] * bool(n_dirs))
@@ -311,7 +284,7 @@ def _labelled(folder: Path, limit, seed, skip_empty, allow_aliases) -> tuple[lis
                             f"or drop the empty class(es) {fix(cli='--skip-empty-classes', python='skip_empty=True')}")
     for text in empty:
         log.warning("dropped: %s", text)
-    return names, files
+    return files
 
 
 def _unlabelled_files(folder) -> list[Path]:
@@ -332,35 +305,30 @@ def load_folder(root, split: str | None = None, display_names=None, limit_per_cl
 
     Parameters
     ----------
-    root : str or Path
-        The dataset folder.
     split : str, optional
         Sub-folder holding the class folders (e.g. ``"val"``); ``None`` finds ``ROOT/<class>`` or a single split.
     display_names : dict or list, optional
         Names used in prompts: dict class -> name (others keep their name), or a list in class order.
     limit_per_class : int, optional
-        A seeded subset of at most this many images per class: ``random.Random(seed).sample`` of the sorted files,
-        then sorted (the shared data's rule); for unlabelled images, of the whole folder.
+        A seeded subset of at most this many images per class (of the whole folder when unlabelled):
+        ``random.Random(seed).sample`` of the sorted files, then sorted (the shared data's rule).
     classes : list of str, optional
         Read the folder as **unlabelled** images of these classes.
     skip_empty, allow_aliases : bool
         Drop empty class folders, accept aliased class folders (each with a warning) instead of failing.
     labelled : bool, optional
-        ``False``: unlabelled (classes from ``classes``, or later from a knowledge base); ``True``: class folders
-        required; ``None``: unlabelled exactly when ``classes`` is given.
+        ``False``: unlabelled (classes from ``classes`` or later a knowledge base); ``True``: class folders required;
+        ``None``: unlabelled exactly when ``classes`` is given.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise KPLInputError(f"dataset folder {root} does not exist or is not a folder")
-    if limit_per_class is not None and (isinstance(limit_per_class, bool) or not isinstance(limit_per_class, (
-            int, np.integer)) or limit_per_class < 1):
-        raise KPLInputError(f"limit_per_class must be a positive integer or None, got {limit_per_class!r}")
+    check("limit_per_class", limit_per_class, Interval(int, 1), none_ok=True)
     labelled = classes is None if labelled is None else labelled
     if labelled and classes is not None:
         raise KPLInputError("classes= names the classes of unlabelled images; a labelled folder takes its classes "
                             f"from its class folders {fix(cli='--classes without --labelled', python='labelled=None')}")
-    common = {"root": root, "name": name or root.name, "seed": seed,
-              "limit_per_class": None if limit_per_class is None else int(limit_per_class)}
+    common = {"root": root, "name": name or root.name, "seed": seed, "limit_per_class": limit_per_class}
     if not labelled:
         folder = _resolve_split(root, split)[0] if split is not None else root
         names = [str(c) for c in classes or []]
@@ -372,15 +340,14 @@ def load_folder(root, split: str | None = None, display_names=None, limit_per_cl
         return ImageFolder(class_names=names, display_names=_display_list(names, display_names, folder),
                            paths=files, labels=None, split=split, **common)
     folder, split = _resolve_split(root, split)
-    all_names, all_files = _labelled(folder, limit_per_class, seed, skip_empty, allow_aliases)
-    displays = dict(zip(all_names, _display_list(all_names, display_names, folder)))
-    names = [c for c, f in zip(all_names, all_files) if f]
-    _check_classes(names, folder, labelled=True)
-    files = [f for f in all_files if f]
-    labels = torch.tensor([c for c, group in enumerate(files) for _ in group], dtype=torch.long)
-    return ImageFolder(class_names=names, display_names=[displays[c] for c in names], labels=labels, split=split,
-                       paths=[p for group in files for p in group], **common,
-                       dropped_classes=[c for c, f in zip(all_names, all_files) if not f])
+    files = _class_files(folder, limit_per_class, seed, skip_empty, allow_aliases)
+    displays = dict(zip(files, _display_list(list(files), display_names, folder)))
+    names = [c for c, f in files.items() if f]
+    _check_classes(names, folder)
+    return ImageFolder(class_names=names, display_names=[displays[c] for c in names], split=split,
+                       paths=[p for c in names for p in files[c]], **common,
+                       labels=torch.tensor([y for y, c in enumerate(names) for _ in files[c]], dtype=torch.long),
+                       dropped_classes=[c for c, f in files.items() if not f])
 
 
 # ------------------------------------------------------------------------------------------------ the registry
@@ -411,15 +378,10 @@ class DatasetInfo:
                                 f"folder -> class name): {exc}") from None
 
 
-@lru_cache(maxsize=1)
-def _registry() -> dict[str, DatasetInfo]:
-    raw = json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
-    return {name: DatasetInfo(name=name, **entry) for name, entry in raw.items()}
-
-
 def registry() -> dict[str, DatasetInfo]:
     """The registered datasets (``kplib/io/datasets.json``), by name."""
-    return dict(_registry())
+    raw = json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
+    return {name: DatasetInfo(name=name, **entry) for name, entry in raw.items()}
 
 
 def load_dataset(name_or_folder, **options) -> ImageFolder:
@@ -430,19 +392,18 @@ def load_dataset(name_or_folder, **options) -> ImageFolder:
     """
     if isinstance(name_or_folder, ImageFolder):
         return name_or_folder
-    text = os.fspath(name_or_folder)
-    info = _registry().get(text)
+    text, known = os.fspath(name_or_folder), registry()
+    info = known.get(text)
     if info is None:
         if Path(text).expanduser().is_dir():
             return load_folder(text, **options)
-        raise KPLInputError(f"dataset {text!r} is neither a registered dataset ({sorted(_registry())}) nor an existing "
+        raise KPLInputError(f"dataset {text!r} is neither a registered dataset ({sorted(known)}) nor an existing "
                             "folder (<folder>/<class>/<image>, <folder>/<split>/<class>/<image>, or unlabelled images)")
     folder = paths.data_root() / info.folder
     if not folder.is_dir():
         raise KPLInputError(f"dataset {text!r} not found: {folder} does not exist. Put it there or set KPL_DATA_ROOT "
                             f"to the folder that holds {info.folder}/{info.split}/<class>/<image>")
-    for key, value in (("split", info.split), ("name", info.name)):
-        options[key] = options.get(key) or value
+    options["split"], options["name"] = options.get("split") or info.split, options.get("name") or info.name
     if options.get("display_names") is None:
         options["display_names"] = info.resolve_display_names(folder)
     return load_folder(folder, **options)
