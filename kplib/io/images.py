@@ -3,24 +3,21 @@
 Decoding is part of preprocessing, so its rules are fixed and named by :data:`DECODE_VERSION`, which the embedding
 store puts in its namespace (a change of rule re-encodes):
 
-- **EXIF orientation** is applied (``ImageOps.exif_transpose``): a phone photo stored sideways is seen upright.
-- **Transparency** (RGBA, LA, palette with a transparent colour) is composited on **black**: medical images (cells,
-  fundus, X-ray) have black surroundings, so transparent margins should look like them.
-- **16/32-bit integer** images (``I;16``, ``I;16B``, ``I``) are scaled by their *bit range*: :math:`v / (2^b - 1)`
-  with :math:`b \\ge 8` the smallest bit depth holding the image's maximum, so a 12-bit X-ray stored in 16 bits
-  fills the 8-bit range and nothing is clipped. Images with negative values and **float** images (``F``) are
-  min–max scaled, :math:`(v - \\min v) / (\\max v - \\min v)`.
-- **Animated / multi-page** files (GIF, WebP, TIFF) use their first frame; multi-frame DICOM its middle frame.
-- **DICOM** (by the ``DICM`` marker at byte 128 whatever the file's name, or a ``.dcm`` name) follows the DICOM
-  display chain: modality LUT, VOI LUT or window, MONOCHROME1 inverted (:mod:`kplib.io.dicom`).
-- **Decompression bombs**: images of more than ``max_pixels`` pixels (default ``PIL.Image.MAX_IMAGE_PIXELS``,
-  178,956,970) are refused before their pixels are decoded.
+- **EXIF orientation** is applied: a phone photo stored sideways is seen upright.
+- **Transparency** is composited on **black**, like the surroundings of medical images (cells, fundus, X-ray).
+- **16/32-bit integer** images are scaled by their bit range, :math:`v / (2^b - 1)` with :math:`b \\ge 8` the smallest
+  bit depth holding the maximum (a 12-bit X-ray in 16 bits fills the 8-bit range, nothing clipped); images with
+  negative values and **float** images are min–max scaled, :math:`(v - \\min v) / (\\max v - \\min v)`.
+- **Animated / multi-page** files use their first frame; multi-frame DICOM its middle frame.
+- **DICOM** (the ``DICM`` marker whatever the name, or a ``.dcm`` name) follows the DICOM display chain.
+- **Decompression bombs**: images of more than ``max_pixels`` pixels (default ``PIL.Image.MAX_IMAGE_PIXELS``) are
+  refused before their pixels are decoded.
 
-Every failure raises :class:`kplib.errors.ImageDecodeError` whose ``reason`` says what is wrong in words ("file is
-empty (0 bytes)", "truncated image data", "image has no pixels", "not an image file", ...).
+Every failure raises :class:`kplib.errors.ImageDecodeError` whose ``reason`` says what is wrong in words.
 """
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -37,8 +34,7 @@ from .dicom import DICOM_EXTENSIONS, dicom_to_image, is_dicom
 
 log = logging.getLogger("kplib")
 
-#: File names listed as images (case-insensitive). Files with another name are listed only when they carry the
-#: DICOM marker (:func:`kplib.io.dicom.is_dicom`): DICOM exports are often named by UID, without an extension.
+#: File names listed as images (case-insensitive); files of other names only with the DICOM marker (UID exports).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_EXTENSIONS
 )
@@ -48,47 +44,34 @@ DECODE_VERSION = (
     "bit range (2**b-1, b>=8 holds max); float/negative min-max; DICOM modality LUT, VOI LUT or window else full "
     "range, MONOCHROME1 inverted; RGB uint8"
 )
-
-_SIGNATURES = (  # what a file starts with -> format, for reasons when Pillow cannot identify it
-    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
-)
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+_READ_ERRORS = {errno.ENOENT: "file not found", errno.EISDIR: "is a directory, not an image file",
+                errno.EACCES: "permission denied (cannot read the file)",
+                errno.EPERM: "permission denied (cannot read the file)",
+                errno.ELOOP: "symbolic link loop (the link points back to itself)"}
 _PIL_GUARD = threading.Lock()  # Pillow's bomb limit is a process-wide setting: read and raise it under a lock
 
 
 def _signature(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
-
-
-def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
-    """Width and height as the header states them (PNG, GIF, BMP), without Pillow."""
-    try:
-        if fmt == "PNG" and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        if fmt == "GIF":
-            return struct.unpack("<HH", data[6:10])
-        if fmt == "BMP":
-            w, h = struct.unpack("<ii", data[18:26])
-            return abs(w), abs(h)
-    except struct.error:
-        return None
-    return None
-
-
-def _describe_head(data: bytes) -> str:
-    head = data[:16]
-    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return f"it starts with text {head.decode('ascii', 'replace')!r}"
-    return f"it starts with bytes {head[:8].hex(' ')}"
+    return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _unidentified_reason(data: bytes) -> str:
-    fmt = _signature(data)
+    """Why Pillow cannot identify ``data``: not an image, an image without pixels (header size), or corrupt."""
+    fmt, head = _signature(data), data[:16]
     if fmt is None:
-        return f"not an image file (Pillow cannot identify the format; {_describe_head(data)})"
-    size = _header_size(fmt, data)
+        said = (f"text {head.decode('ascii', 'replace')!r}" if all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+                else f"bytes {head[:8].hex(' ')}")
+        return f"not an image file (Pillow cannot identify the format; it starts with {said})"
+    try:  # width and height as the header states them
+        size = (struct.unpack(">II", data[16:24]) if fmt == "PNG" and data[12:16] == b"IHDR"
+                else struct.unpack("<HH", data[6:10]) if fmt == "GIF"
+                else tuple(map(abs, struct.unpack("<ii", data[18:26]))) if fmt == "BMP" else None)
+    except struct.error:
+        size = None
     if size is not None and min(size) == 0:
         return f"image has no pixels ({size[0]}×{size[1]} according to its {fmt} header)"
     return f"corrupt {fmt} data (the file starts like a {fmt} image but Pillow cannot decode it)"
@@ -99,18 +82,11 @@ def read_bytes(path) -> bytes:
     path = Path(path)
     try:
         return path.read_bytes()
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ImageDecodeError(path, "broken symbolic link (its target does not exist)") from None
-        raise ImageDecodeError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ImageDecodeError(path, "is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageDecodeError(path, "permission denied (cannot read the file)") from None
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP
-            raise ImageDecodeError(path, "symbolic link loop (the link points back to itself)") from None
-        raise ImageDecodeError(path, f"cannot read the file ({exc.strerror or exc})") from None
+        reason = _READ_ERRORS.get(exc.errno, f"cannot read the file ({exc.strerror or exc})")
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            reason = "broken symbolic link (its target does not exist)"
+        raise ImageDecodeError(path, reason) from None
 
 
 def pixel_limit(max_pixels: int | None = None) -> int | None:
@@ -124,60 +100,42 @@ def pixel_limit(max_pixels: int | None = None) -> int | None:
     return int(max_pixels)
 
 
-def _open(data: bytes, limit: int | None) -> Image.Image:
-    """``Image.open`` with Pillow's own bomb guard at least as high as ``limit`` (the explicit check is ours)."""
-    with _PIL_GUARD:
-        pil_limit = Image.MAX_IMAGE_PIXELS
-        if pil_limit is None or (limit is not None and limit <= pil_limit):
-            return Image.open(io.BytesIO(data))
-        Image.MAX_IMAGE_PIXELS = limit  # raised for this header parse only, under the lock
-        try:
-            return Image.open(io.BytesIO(data))
-        finally:
-            Image.MAX_IMAGE_PIXELS = pil_limit
-
-
-def _too_large(width: int, height: int, limit: int) -> str:
+def _too_large(width: int, height: int, limit) -> str:
     return (f"image too large: {width}×{height} = {width * height} pixels exceeds the decompression-bomb limit of "
             f"{limit} pixels; it was not decoded. If the file is trusted, raise the limit "
-            f"{fix(cli='--max-pixels N', python='max_pixels=N')} or downscale the image")
+            f"{fix(cli='--max-pixels N', python='max_pixels=N')}")
 
 
-def _scale_high_depth(im: Image.Image) -> Image.Image:
-    """16/32-bit or float single-channel image -> 8-bit ``L`` without clipping (module docstring)."""
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB by the module's rules (alpha on black, high bit depths scaled without clipping)."""
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV; a copy even of RGB
     arr = np.asarray(im).astype(np.float64)
     if not np.isfinite(arr).all():
         raise ValueError("image contains NaN or infinite pixel values")
     lo, hi = float(arr.min()), float(arr.max())
     if im.mode != "F" and lo >= 0:
         scaled = arr * (255.0 / (2 ** max(8, int(hi).bit_length()) - 1))
-    elif hi > lo:
-        scaled = (arr - lo) * (255.0 / (hi - lo))
     else:
-        scaled = np.zeros_like(arr)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-
-
-def _composite_on_black(im: Image.Image) -> Image.Image:
-    rgba = im.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
-        return _composite_on_black(im)
-    if im.mode.startswith("I") or im.mode == "F":
-        return _scale_high_depth(im).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 def _pillow_decode(data: bytes, path: Path, limit: int | None) -> Image.Image:
     with warnings.catch_warnings():
-        # Pillow warns (rather than raises) between its limit and twice that: an error here too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with _open(data, limit) as im:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow only warns up to 2x its limit
+        with _PIL_GUARD:  # Pillow's own guard at least as high as ``limit`` for the header parse (the check is ours)
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            try:
+                if pil_limit is not None and (limit is None or limit > pil_limit):
+                    Image.MAX_IMAGE_PIXELS = limit
+                im = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+        with im:
             if limit is not None and im.width * im.height > limit:
                 raise ImageDecodeError(path, _too_large(im.width, im.height, limit))
             im.load()
@@ -187,8 +145,6 @@ def _pillow_decode(data: bytes, path: Path, limit: int | None) -> Image.Image:
                 log.warning("ignoring the unreadable EXIF orientation of %s (%s)", path, exc)
                 oriented = im
             rgb = _to_rgb(oriented)
-            if rgb is im:
-                rgb = im.copy()  # detach from the closing file object
             rgb.load()
             return rgb
 
@@ -199,7 +155,7 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
     Parameters
     ----------
     data : bytes
-        The file's bytes (the caller read them once, e.g. to hash them for the embedding store).
+        The file's bytes (read once by the caller, e.g. to hash them for the embedding store).
     path : str or Path
         The file, used in messages and to recognise a ``.dcm`` name.
     max_pixels : int, optional
@@ -210,8 +166,7 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
     kplib.errors.ImageDecodeError
         For empty, truncated, corrupt, pixel-less, oversized or non-image files, with the reason.
     """
-    path = Path(path)
-    limit = pixel_limit(max_pixels)
+    path, limit = Path(path), pixel_limit(max_pixels)
     if len(data) == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     if is_dicom(data) or (path.suffix.lower() in DICOM_EXTENSIONS and _signature(data) is None):
