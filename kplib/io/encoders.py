@@ -1,20 +1,17 @@
 """CLIP encoders: any Hugging Face CLIP checkpoint, or the labelled untrained stand-in, on top of transformers.
 
-An :class:`Encoder` wraps a ``transformers.CLIPModel`` with its tokenizer and image processor. Images and texts are
-encoded by the model's own ``get_image_features`` / ``get_text_features`` (SDPA attention) in batches, under
-``torch.inference_mode``; rows come back float32 and L2-normalised, so cosine similarity is a dot product:
+An :class:`Encoder` wraps a ``transformers.CLIPModel`` with its tokenizer and image processor and encodes in batches
+with the model's own ``get_image_features`` / ``get_text_features`` (SDPA attention, ``torch.inference_mode``;
+``dtype="bfloat16"`` under ``torch.autocast``). Rows come back float32 and L2-normalised, so cosine similarity is a
+dot product: :math:`x = f(I) / \\lVert f(I) \\rVert_2`, :math:`t = g(T) / \\lVert g(T) \\rVert_2`.
 
-.. math:: x = \\frac{f(I)}{\\lVert f(I) \\rVert_2}, \\qquad t = \\frac{g(T)}{\\lVert g(T) \\rVert_2}.
-
-``dtype="bfloat16"`` runs the same forward under ``torch.autocast`` (weights stay float32).
-
-Every encoder carries an :class:`EncoderIdentity` (name, revision, whether it is the stand-in) that travels with
-every embedding and result, and a :meth:`Encoder.namespace` describing everything that changes an embedding, which
-the embedding store (:mod:`kplib.io.store`) keys on.
+Every encoder carries an :class:`EncoderIdentity` that travels with every embedding and result, and a
+:meth:`Encoder.namespace` (everything that changes an embedding) that the embedding store keys on.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -34,15 +31,7 @@ from huggingface_hub import constants as hub_constants
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoTokenizer,
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPModel,
-    CLIPTokenizer,
-)
+from transformers import CLIPModel
 
 from .. import paths
 from ..errors import KPLInputError, StandInWarning, fix
@@ -60,17 +49,13 @@ DTYPES = ("float32", "bfloat16")
 
 #: The stand-in: a small CLIP (ViT 224/32, 4 layers, width 256) whose text side uses the real OpenAI vocabulary
 #: (49408 tokens) and context (77), so tokenisation and prompt-length checks are the real ones.
+_TOWER = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "projection_dim": 256}
 STANDIN_CONFIG: dict = {
     "projection_dim": 256,
-    "text_config": {
-        "vocab_size": 49408, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "max_position_embeddings": 77, "projection_dim": 256,
-        "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
-    },
-    "vision_config": {
-        "image_size": 224, "patch_size": 32, "hidden_size": 256, "intermediate_size": 1024,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "projection_dim": 256, "hidden_act": "quick_gelu",
-    },
+    "text_config": {**_TOWER, "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                    "eos_token_id": 49407, "pad_token_id": 49407},
+    "vision_config": {**_TOWER, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu"},
 }
 #: OpenAI CLIP preprocessing: bicubic resize of the short side to 224, centre crop 224, OpenAI mean/std.
 STANDIN_PROCESSOR: dict = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
@@ -122,12 +107,11 @@ class Encoder:
             self.device = torch.device(device)
             self.model = model.to(self.device).eval()
         except (RuntimeError, AssertionError) as exc:  # unknown device string, or CUDA absent/not compiled in
-            raise KPLInputError(f"cannot use torch device {str(device)!r}: {_first_line(exc)}. Choose an available "
-                                "one " + fix(cli="--device cpu", python="device='cpu'") + " or set KPL_DEVICE") from None
+            raise KPLInputError(f"cannot use torch device {str(device)!r}: {_first_line(exc)}. Choose an available one "
+                                + fix(cli="--device cpu", python="device='cpu'") + " or set KPL_DEVICE") from None
         self.tokenizer, self.processor, self.identity = tokenizer, processor, identity
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.embed_dim = int(model.config.projection_dim)
-        self._tokenizer_digest: str | None = None
 
     def __repr__(self) -> str:
         return (f"Encoder({self.identity.label!r}, revision={self.identity.revision!r}, device={str(self.device)!r}, "
@@ -140,19 +124,15 @@ class Encoder:
         out = {k: d[k] for k in _PREPROCESSING_KEYS if k in d}
         return json.loads(json.dumps({**out, "processor": type(self.processor).__name__}, default=str))
 
-    @property
+    @functools.cached_property
     def tokenizer_digest(self) -> str:
         """sha256 of the tokenizer's serialisation (vocabulary, merges, normaliser, special tokens; not the padding and
         truncation settings that each call changes)."""
-        if self._tokenizer_digest is None:
-            backend = getattr(self.tokenizer, "backend_tokenizer", None)
-            if backend is not None:
-                spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
-                text = json.dumps(spec, sort_keys=True)
-            else:
-                text = repr(sorted(self.tokenizer.get_vocab().items()))
-            self._tokenizer_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        return self._tokenizer_digest
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return hashlib.sha256(repr(sorted(self.tokenizer.get_vocab().items())).encode()).hexdigest()
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def namespace(self, kind: str = "image") -> dict:
         """Everything besides the input that changes an embedding of ``kind`` (``"image"`` or ``"text"``).
@@ -187,8 +167,7 @@ class Encoder:
         """
         batch_size = self.batch_size if batch_size is None else check("batch_size", batch_size, Interval(int, 1))
         total = len(images) if hasattr(images, "__len__") else None
-        # the output is allocated before the batches run (doubled when a generator outgrows it): a small tensor kept
-        # per batch would pin the allocator's heap between batches and make memory grow with the number of images
+        # one output tensor (doubled when a generator outgrows it): per-batch tensors kept alive fragment the heap
         out, seen, items = torch.empty(total if total is not None else 1024, self.embed_dim), 0, iter(images)
         with tqdm(total=total, desc="encoding images", unit="img", disable=not progress) as bar:
             while batch := list(itertools.islice(items, batch_size)):
@@ -264,68 +243,67 @@ def load_encoder(model: str = AUTO, device: str | None = None, dtype: str = "flo
     check("batch_size", batch_size, Interval(int, 1))
     if not isinstance(model, str) or not model.strip():
         raise KPLInputError(f"model must be a hub id, a local folder, 'standin' or 'auto', got {model!r}")
-    device = device or paths.default_device()
-    model = model.strip()
-    if model == STANDIN:
-        _warn_standin("the untrained stand-in was selected explicitly (model='standin').")
-        return _standin(device, dtype, batch_size)
-    if model != AUTO:
-        return _pretrained(model, device, dtype, batch_size)
-    target = paths.default_model().strip()
+    args, model = (device or paths.default_device(), dtype, batch_size), model.strip()
+    target = paths.default_model().strip() if model == AUTO else model
     if target == STANDIN:
-        _warn_standin("KPL_MODEL=standin selects the untrained stand-in.")
-        return _standin(device, dtype, batch_size)
+        _warn_standin("the untrained stand-in was selected explicitly (model='standin')." if model == STANDIN
+                      else "KPL_MODEL=standin selects the untrained stand-in.")
+        return _standin(*args)
+    if model != AUTO:
+        return _pretrained(model, *args)
     try:
-        return _pretrained(paths.DEFAULT_MODEL if target == AUTO else target, device, dtype, batch_size)
+        return _pretrained(paths.DEFAULT_MODEL if target == AUTO else target, *args)
     except KPLInputError as exc:
         _warn_standin(f"model='auto' could not load {target!r}: {exc} Set KPL_MODEL to a CLIP checkpoint (hub id or "
                       "local folder) to get real results.")
-        return _standin(device, dtype, batch_size)
+        return _standin(*args)
 
 
-def _standin(device, dtype: str, batch_size: int) -> Encoder:
+def _standin(*args) -> Encoder:
     """The untrained stand-in: :data:`STANDIN_CONFIG` initialised from seed 0, the OpenAI CLIP tokenizer from
     :func:`kplib.paths.tokenizer_dir`, OpenAI preprocessing. The global torch RNG is left untouched."""
-    tokenizer = CLIPTokenizer.from_pretrained(str(paths.tokenizer_dir()))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(paths.tokenizer_dir()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(STANDIN_SEED)
-        model = CLIPModel(CLIPConfig(**copy.deepcopy(STANDIN_CONFIG), attn_implementation="sdpa"))
-    revision = (f"{STANDIN_RECIPE}-seed{STANDIN_SEED}-torch{torch.__version__}"
-                f"-transformers{transformers.__version__}")
+        model = CLIPModel(transformers.CLIPConfig(**copy.deepcopy(STANDIN_CONFIG), attn_implementation="sdpa"))
+    revision = f"{STANDIN_RECIPE}-seed{STANDIN_SEED}-torch{torch.__version__}-transformers{transformers.__version__}"
     identity = EncoderIdentity(STANDIN, revision, True)
-    return Encoder(model, tokenizer, CLIPImageProcessorPil(**STANDIN_PROCESSOR), identity, device, dtype, batch_size)
+    return Encoder(model, tokenizer, transformers.CLIPImageProcessorPil(**STANDIN_PROCESSOR), identity, *args)
 
 
-def _pretrained(source: str, device, dtype: str, batch_size: int) -> Encoder:
+def _pretrained(source: str, *args) -> Encoder:
     """A local ``save_pretrained`` folder or a hub id → :class:`Encoder`; KPLInputError saying why not."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         revision = _snapshot_commit(folder) or "files-" + checkpoint_digest(folder)
-        return _from_pretrained(str(folder), source, revision, True, device, dtype, batch_size)
+        return _from_pretrained(str(folder), source, revision, True, *args)
     if _PATHLIKE.match(source) or source.count("/") > 1 or folder.exists():
         raise KPLInputError(f"model folder {source!r} not found (or not a folder). Pass a folder saved with "
                             "CLIPModel.save_pretrained, a hub id such as 'openai/clip-vit-base-patch16', or "
                             f"'standin' {fix(cli='--model FOLDER_OR_HUB_ID', python='model=...')}")
-    local = _cached_snapshot(source)
-    if local is not None:
+    if (local := _cached_snapshot(source)) is not None:
         try:
-            return _from_pretrained(source, source, _snapshot_commit(local), True, device, dtype, batch_size)
+            return _from_pretrained(source, source, _snapshot_commit(local), True, *args)
         except _Unavailable as exc:  # e.g. only some files of the snapshot are cached: ask the hub
             if _offline():
                 raise
             log.info("cached snapshot %s of %s is incomplete (%s)", local, source, exc)
     _ask_hub(source)
-    encoder = _from_pretrained(source, source, None, False, device, dtype, batch_size)
-    snapshot = _cached_snapshot(source)
+    encoder = _from_pretrained(source, source, None, False, *args)
+    snapshot = _cached_snapshot(source)  # where the download went; its folder name is the commit
     commit = _snapshot_commit(snapshot) if snapshot else None
-    encoder.identity = EncoderIdentity(source, commit or "unknown-" + _weights_digest(encoder.model), False)
+    if commit is None:  # a download cached elsewhere: the weights themselves tell checkpoints apart
+        h = hashlib.sha256()
+        for name, t in sorted(encoder.model.state_dict().items()):
+            h.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        commit = "unknown-" + h.hexdigest()[:32]
+    encoder.identity = EncoderIdentity(source, commit, False)
     return encoder
 
 
-def _from_pretrained(src: str, name: str, revision: str | None, local_only: bool, device, dtype: str,
-                     batch_size: int) -> Encoder:
+def _from_pretrained(src: str, name: str, revision: str | None, local_only: bool, *args) -> Encoder:
     try:
-        model_type = AutoConfig.from_pretrained(src, local_files_only=local_only).model_type
+        model_type = transformers.AutoConfig.from_pretrained(src, local_files_only=local_only).model_type
     except Exception as exc:  # transformers raises OSError / ValueError / EnvironmentError variants
         raise _cannot_load(name, _first_line(exc)) from exc
     if model_type != "clip":
@@ -334,8 +312,8 @@ def _from_pretrained(src: str, name: str, revision: str | None, local_only: bool
     try:
         model, info = CLIPModel.from_pretrained(src, local_files_only=local_only, output_loading_info=True,
                                                 attn_implementation="sdpa")
-        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
-        processor = AutoImageProcessor.from_pretrained(src, local_files_only=local_only, backend="pil")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+        processor = transformers.AutoImageProcessor.from_pretrained(src, local_files_only=local_only, backend="pil")
     except Exception as exc:
         raise _cannot_load(name, _first_line(exc)) from exc
     bad = sorted(set(info.get("missing_keys") or ()) | {str(k) for k in info.get("mismatched_keys") or ()})
@@ -343,7 +321,7 @@ def _from_pretrained(src: str, name: str, revision: str | None, local_only: bool
         raise KPLInputError(f"checkpoint {name!r} ({src}) lacks or mismatches {len(bad)} CLIP weight(s) (e.g. "
                             f"{bad[:3]}); transformers would fill them with random values. Use a complete CLIPModel "
                             "checkpoint whose config.json matches its weights (saved with save_pretrained).")
-    encoder = Encoder(model, tokenizer, processor, EncoderIdentity(name, revision, False), device, dtype, batch_size)
+    encoder = Encoder(model, tokenizer, processor, EncoderIdentity(name, revision, False), *args)
     log.info("loaded %r", encoder)
     return encoder
 
@@ -358,13 +336,6 @@ def checkpoint_digest(folder: str | Path) -> str:
     for path in files:
         with open(path, "rb") as fh:
             h.update(f"{path.name}\0{hashlib.file_digest(fh, 'sha256').hexdigest()}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def _weights_digest(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -384,8 +355,8 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
 
 def _offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return hub_constants.HF_HUB_OFFLINE or any(str(f).strip().lower() in ("1", "true", "yes", "on") for f in flags)
+    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return hub_constants.HF_HUB_OFFLINE or any(f in hub_constants.ENV_VARS_TRUE_VALUES for f in flags)
 
 
 def _ask_hub(repo_id: str) -> None:
