@@ -24,14 +24,7 @@ from ..io.knowledge import KPL_TEMPLATE, KnowledgeBase
 from ..method.methods import run_method
 from ..method.metrics import evaluate
 from ..method.text_proxy import build_text_proxies, per_image_text_logits
-from ..params import (
-    Interval,
-    Options,
-    check,
-    check_descriptions,
-    check_embeddings,
-    unit,
-)
+from ..params import Interval, Options, check, check_descriptions, check_embeddings, unit
 
 _WORD = re.compile(r"[a-z][a-z\-]*[a-z]|[a-z]")
 #: What :func:`k_sweep` runs: the released dataset-level text proxy, the per-image retrieval extension, full KPL.
@@ -73,12 +66,10 @@ def prompt_token_lengths(kb: KnowledgeBase, tokenizer: Any, template: str = KPL_
              "prompt": template.format(class_name=c.display_name, description=t)}
             for c in kb.classes for j, t in enumerate(c.texts)]
     prompts = [r["prompt"] for r in rows]
-    if hasattr(tokenizer, "token_lengths"):
-        n_tokens = tokenizer.token_lengths(prompts)
-    else:
-        n_tokens = [len(i) for i in tokenizer(prompts, add_special_tokens=True, truncation=False)["input_ids"]]
-    columns = ["class", "index", "description", "prompt", "n_tokens", "n_words"]
-    return pd.DataFrame([{**r, "n_tokens": n} for r, n in zip(rows, n_tokens)], columns=columns)
+    n_tokens = (tokenizer.token_lengths(prompts) if hasattr(tokenizer, "token_lengths") else
+                [len(i) for i in tokenizer(prompts, add_special_tokens=True, truncation=False)["input_ids"]])
+    return pd.DataFrame([{**r, "n_tokens": n} for r, n in zip(rows, n_tokens)],
+                        columns=["class", "index", "description", "prompt", "n_tokens", "n_words"])
 
 
 def published_import_summary(results: Sequence[tuple[str, KnowledgeBase | str]]) -> pd.DataFrame:
@@ -237,25 +228,19 @@ def k_sweep(image_embeddings: Any, text: Any, labels: Any, ks: Sequence[int],
     x = check_embeddings(image_embeddings, "image_embeddings")
     y = _labels(labels, len(x))
     ks = [check("ks[...]", k, Interval(int, 1)) for k in ks]
-    for m in methods:
-        check("methods[...]", m, Options(*SWEEP_METHODS))
+    methods = [check("methods[...]", m, Options(*SWEEP_METHODS)) for m in methods]
     fraction = check("subsample_fraction", subsample_fraction, Interval(float, 0, 1, closed="right"))
     if not ks or not seeds:
         raise KPLInputError("ks and seeds must be non-empty, e.g. ks=[1, 2, 4, 8, 16, 32], seeds=[0]")
-    rows = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(int(seed))
+    rows, descs = [], text.description_embeddings
+    for seed in map(int, seeds):
+        g = torch.Generator().manual_seed(seed)
         idx = torch.sort(torch.randperm(len(x), generator=g)[:max(2, round(fraction * len(x)))]).values
-        for k in ks:
-            for m in methods:
-                if m == "text_proxy":
-                    pred = build_text_proxies(x[idx], text.description_embeddings, k=k).predictions
-                elif m == "per_image":
-                    pred = per_image_text_logits(x[idx], text.description_embeddings, k=k).argmax(1)
-                else:
-                    pred = run_method(m, x[idx], text, k=k, seed=int(seed), **overrides).predictions
-                rows.append({"method": m, "k": k, "seed": int(seed), "n": len(idx),
-                             **scores(y[idx], pred, text.class_names)})
+        for k, m in ((k, m) for k in ks for m in methods):
+            pred = (build_text_proxies(x[idx], descs, k=k).predictions if m == "text_proxy" else
+                    per_image_text_logits(x[idx], descs, k=k).argmax(1) if m == "per_image" else
+                    run_method(m, x[idx], text, k=k, seed=seed, **overrides).predictions)
+            rows.append({"method": m, "k": k, "seed": seed, "n": len(idx), **scores(y[idx], pred, text.class_names)})
     return pd.DataFrame(rows)
 
 

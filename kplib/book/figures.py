@@ -18,6 +18,7 @@ from sklearn.decomposition import PCA
 
 from ..errors import KPLInputError
 from ..io.images import read_image
+from ..params import Options, check, check_embeddings
 from . import analysis
 
 STANDIN_CAPTION = "UNTRAINED stand-in — not a result"
@@ -171,9 +172,8 @@ def cosines(image_emb: Any, class_text: Any, labels: Any, *, encoder: Any, max_p
             seed: int = 0) -> Figure:
     """Image–text cosines (own vs other class; ``class_text`` is (C, d)) and image–image cosines (same vs different
     class, ``max_pairs`` random pairs). The modality gap shows as image–text cosines far below image–image ones."""
-    x, t = _np(image_emb).astype(float), _np(class_text).astype(float)
-    if x.ndim != 2 or t.ndim != 2 or x.shape[1] != t.shape[1] or len(x) < 2:
-        raise KPLInputError(f"image_emb (N >= 2, d) and class_text (C, d) must share d; got {x.shape}, {t.shape}")
+    x = _np(check_embeddings(image_emb, "image_emb")).astype(float)
+    t = _np(check_embeddings(class_text, "class_text", dim=x.shape[1])).astype(float)
     y = _classes(labels, len(x), len(t))
     sims = x @ t.T
     own = np.eye(len(t), dtype=bool)[y]
@@ -206,17 +206,15 @@ def project(blocks: Mapping[str, Any], method: str = "umap", seed: int = 0) -> P
     """Fit a 2-D map on the stacked blocks: UMAP with the cosine metric (umap-learn), or PCA (scikit-learn)."""
     blocks = {k: _np(v).astype(np.float32) for k, v in blocks.items()}
     n, threads = sum(len(b) for b in blocks.values()), torch.get_num_threads()
-    if method == "umap":
+    if check("method", method, Options("umap", "pca")) == "pca":
+        model = PCA(n_components=2, random_state=seed)
+    else:
         try:  # optional and heavy: its first import compiles numba code (and resets torch's thread count)
             import umap
         except ImportError as exc:
             raise KPLInputError("method='umap' needs umap-learn: pip install 'kplib[book]' (or method='pca')") from exc
         model = umap.UMAP(n_components=2, n_neighbors=max(2, min(15, n - 1)), min_dist=0.1, metric="cosine",
                           random_state=seed, transform_seed=seed, n_jobs=1)
-    elif method == "pca":
-        model = PCA(n_components=2, random_state=seed)
-    else:
-        raise KPLInputError(f"method must be 'umap' or 'pca', got {method!r}")
     try:
         coords = np.asarray(model.fit_transform(np.concatenate(list(blocks.values()))), dtype=float)
     finally:
@@ -231,9 +229,8 @@ def embedding_map(image_emb: Any, labels: Any, class_names: Sequence[str], text_
     fitted ``projection`` to draw in its coordinates. Returns the figure and the :class:`Projection`."""
     class_names, x = list(class_names), _np(image_emb)
     y = _classes(labels, len(x), len(class_names))
-    blocks = {"images": x, **{k: _np(v) for k, v in (text_points or {}).items()}}
-    if any(b.ndim != 2 or b.shape[1] != x.shape[1] for b in blocks.values()):
-        raise KPLInputError(f"text_points must hold (n, {x.shape[1]}) arrays: the images' dimension (one encoder)")
+    blocks = {"images": x, **{k: _np(check_embeddings(v, f"text_points[{k!r}]", dim=x.shape[1]))
+                              for k, v in (text_points or {}).items()}}
     if projection is None:
         projection = project(blocks, method, seed)
         coords = projection.points

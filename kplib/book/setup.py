@@ -111,23 +111,18 @@ class Chapter:
         if self.is_pretrained:
             yield
             return
-        capture = capture_output(stdout=True, stderr=True, display=True)
-        captured = capture.__enter__()
         try:
-            yield
+            with capture_output(stdout=True, stderr=True, display=True) as captured:
+                yield
         finally:  # shown even when the block fails, with what it printed
-            capture.__exit__(None, None, None)
-            texts = [f"<pre>{html.escape(t)}</pre>" for t in (captured.stdout, captured.stderr) if t.strip()]
+            parts = [f"<pre>{html.escape(t)}</pre>" for t in (captured.stdout, captured.stderr) if t.strip()]
+            for data in (out.data for out in captured.outputs):  # a PNG embedded, else the HTML, else the text
+                png = data.get("image/png")
+                png = base64.b64encode(png).decode() if isinstance(png, bytes) else png
+                parts.append(f'<img src="data:image/png;base64,{png}" style="max-width:100%">' if png else
+                             data.get("text/html") or f"<pre>{html.escape(data.get('text/plain', ''))}</pre>")
             display(HTML(f'<details class="kpl-real-images"><summary><b>{html.escape(title)}</b>: {note}</summary>'
-                         + "".join(texts + [_html(out.data) for out in captured.outputs]) + "</details>"))
-
-
-def _html(data: dict) -> str:
-    """One captured display output as HTML: an embedded PNG, the object's HTML, or its text."""
-    if "image/png" in data:
-        png = data["image/png"] if isinstance(data["image/png"], str) else base64.b64encode(data["image/png"]).decode()
-        return f'<img src="data:image/png;base64,{png}" style="max-width:100%">'
-    return data.get("text/html") or f"<pre>{html.escape(data.get('text/plain', ''))}</pre>"
+                         + "".join(parts) + "</details>"))
 
 
 def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: str | None = None) -> Chapter:
@@ -143,17 +138,16 @@ def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: st
         get_ipython().run_line_magic("matplotlib", "inline")
     print(f"python {platform.python_version()} | torch {torch.__version__} | transformers {version('transformers')} "
           f"| kplib {__version__}")
-    encoder, log = None, logging.getLogger("kplib")
+    log = logging.getLogger("kplib")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StandInWarning)
-        if model != "simulated":
-            log.disabled = True
-            try:
-                encoder = load_encoder(model)
-            finally:
-                log.disabled = False
+        log.disabled = True
+        try:
+            encoder = None if model == "simulated" else load_encoder(model)
+        finally:
+            log.disabled = False
     folder = None if output_dir is None else Path(output_dir)
-    if folder is not None:
+    if folder:
         folder.mkdir(parents=True, exist_ok=True)
     chapter = Chapter(SIMULATED_ENCODER if encoder is None else encoder.identity.label, encoder, folder, dataset)
     display(banner(chapter.label, dataset, " ".join(str(w.message) for w in caught

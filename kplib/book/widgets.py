@@ -42,11 +42,12 @@ _SIZE = {"n_images": 400, "dim": 128}
 
 
 def _check(values: dict[str, Any]) -> dict[str, Any]:
+    """All knob values (``DEFAULTS`` for those not given), checked; float knobs as floats (one memo key per value)."""
     unknown = [k for k in values if k not in KNOBS]
     if unknown:
         raise KPLInputError(f"unknown playground knob(s) {unknown}; the knobs are {list(KNOBS)}")
-    return {k: float(v) if getattr(KNOBS[k][1], "kind", None) is float else v
-            for k, v in {k: check(k, v, KNOBS[k][1]) for k, v in {**DEFAULTS, **values}.items()}.items()}
+    checked = {k: check(k, v, KNOBS[k][1]) for k, v in {**DEFAULTS, **values}.items()}
+    return {k: float(v) if getattr(KNOBS[k][1], "kind", None) is float else v for k, v in checked.items()}
 
 
 @lru_cache(maxsize=16)
@@ -54,12 +55,6 @@ def _world(gap: float | None, imbalance: float, n_images: int, dim: int, seed: i
     check("base", base, Options(*PRESETS))
     return make_world(**{**PRESETS[base], "n_images": n_images, "dim": dim, "seed": seed, "gap": gap,
                          "imbalance": None if imbalance == 1.0 else imbalance})
-
-
-def min_gap(n_images: int = _SIZE["n_images"], dim: int = _SIZE["dim"], seed: int = 0,
-            base: str = BASE_PRESET) -> float:
-    """The smallest modality gap the base world can have (its contents alone differ this much)."""
-    return float(_world(None, 1.0, n_images, dim, seed, base).truth["content_gap"])
 
 
 @dataclass
@@ -139,9 +134,7 @@ def knob_panel(knob: str, values: Sequence | None = None, methods: Sequence[str]
     ``fixed``) as maps (of ``show_method``) above the scores; ``knob="method"`` compares the methods ``values``.
     Returns the figure and a tidy table (knob, value, method, scores, encoder)."""
     check("knob", knob, Options(*KNOBS))
-    methods = list(methods if methods is not None else METHODS)
-    for m in methods:
-        check("methods[...]", m, Options(*METHODS))
+    methods = [check("methods[...]", m, Options(*METHODS)) for m in (METHODS if methods is None else methods)]
     values = list(values if values is not None else methods if knob == "method" else KNOB_GRIDS[knob])
     show_method = show_method or fixed.pop("method", DEFAULTS["method"])
     if knob != "method" and show_method not in methods:
@@ -191,7 +184,8 @@ class Playground:
         shown = list(KNOBS) if knobs is None else [check("knobs[...]", k, Options(*KNOBS)) for k in knobs]
         self.size = {"n_images": int(n_images), "dim": int(dim), "seed": int(seed), "base": base}
         start = _check(initial)
-        lo = np.ceil(min_gap(int(n_images), int(dim), int(seed), base) * 100) / 100
+        # the smallest gap this world can have: its contents alone differ that much
+        lo = np.ceil(_world(None, 1.0, *self.size.values()).truth["content_gap"] * 100) / 100
         if start["gap"] < lo:
             raise KPLInputError(f"gap must be at least {lo} for this world (its contents alone differ that much)")
         kw = {"style": {"description_width": "initial"}, "layout": w.Layout(width="330px")}
