@@ -25,15 +25,16 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from .. import __version__
 from ..errors import KPLError, KPLInputError, StandInWarning
 from ..io.datasets import display_path, load_dataset
-from ..io.encoders import STANDIN_LABEL, load_encoder
+from ..io.encoders import DTYPES, STANDIN_LABEL, load_encoder
 from ..io.knowledge import KPL_TEMPLATE, load_kb
-from ..params import Boolean, Interval, check
 from ..method.methods import METHODS, KPLConfig
+from ..params import MODES, Boolean, Interval, check
 from ..pipeline import Experiment, compare, embed_images, run
 from . import data as data_cli
 from . import kb as kb_cli
@@ -65,7 +66,7 @@ def _checked(name: str, constraint, none_ok: bool = False):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     """One option per declared config field, with its constraint's type/choices and its help text."""
-    p.add_argument("--mode", choices=["reference", "corrected"], default=None,
+    p.add_argument("--mode", choices=MODES.values, default=None,
                    help="reference: the released computation; corrected: what the method intends (methods kpl, "
                         "inmap and the kpl_<control> ones)")
     for cls in _config_classes():
@@ -84,17 +85,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _configs(args, methods: Sequence[str]) -> tuple:
     """The configs the options ask for; an option no chosen method uses is an error that says why."""
-    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     out = []
     for cls in _config_classes():
-        fields = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(cls.__name__ + ".")}
-        users = [m for m in methods if METHODS[m].config is cls]
-        for name in fields:
-            used = [m for m in users if METHODS[m].uses is None or name in METHODS[m].uses]
-            if not used:
+        kw = {k.split(".", 1)[1]: v for k, v in vars(args).items()
+              if k.startswith(cls.__name__ + ".") and v is not None}
+        for name in kw:
+            if not any(METHODS[m].uses is None or name in METHODS[m].uses for m in methods if METHODS[m].config is cls):
                 raise KPLInputError(f"{_flag(cls, name)} does not apply to method(s) {', '.join(methods)}; drop it")
-        kw = dict(fields)
-        if "seed" in {f.name for f in dataclasses.fields(cls)}:
+        if "seed" in cls.__dataclass_fields__:
             kw["seed"] = args.seed
         if cls is KPLConfig and args.mode is not None:
             kw["mode"] = args.mode
@@ -121,7 +119,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "none)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $KPL_DEVICE, else cuda "
                                                   "when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="encoder precision (bfloat16 runs the forward under autocast)")
     p.add_argument("--batch-size", type=_checked("batch_size", Interval(int, 1)), default=32,
                    help="images per forward pass (default 32)")
@@ -193,13 +191,7 @@ def _encoder(args):
     return load_encoder(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
 
-def _progress(args) -> bool:
-    return sys.stderr.isatty() if args.progress is None else args.progress
-
-
-def _table(df) -> str:
-    import pandas as pd
-
+def _table(df: pd.DataFrame) -> str:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
         return df.to_string()
 
@@ -218,10 +210,12 @@ def _print_metrics(exp: Experiment) -> None:
 
 
 def _options(args) -> dict:
+    """The pipeline's keyword options (``template`` last: :func:`embed_images` takes the others)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {"cache": not args.no_cache, "on_error": args.on_error, "progress": _progress(args),
-            "template": args.template, "max_pixels": args.max_pixels}
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return {"cache": not args.no_cache, "on_error": args.on_error, "progress": progress,
+            "max_pixels": args.max_pixels, "template": args.template}
 
 
 def cmd_run(args) -> int:
@@ -264,8 +258,8 @@ def cmd_encode(args) -> int:
     if args.no_cache and save is None:
         raise KPLInputError("kpl encode fills the embedding store; with --no-cache it needs --save FILE.pt")
     options = _options(args)
-    emb = embed_images(_folder(args), _encoder(args), cache=options["cache"], on_error=args.on_error,
-                       progress=options["progress"], max_pixels=args.max_pixels)
+    del options["template"]
+    emb = embed_images(_folder(args), _encoder(args), **options)
     counts = ", ".join(f"{c} {n}" for c, n in emb.folder.counts().items())
     print(f"{len(emb)} images of {emb.folder.name} ({counts or 'unlabelled'}) embedded with {emb.encoder.label}: "
           f"{emb.stats.get('hits', 0)} from the store, {emb.stats.get('n_encoded', 0)} encoded; "
@@ -277,8 +271,6 @@ def cmd_encode(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    import pandas as pd
-
     rows = []
     for name in args.files:
         try:
@@ -319,23 +311,21 @@ def write_predictions(path: Path, exp: Experiment) -> None:
     records = [{"path": display_path(p, folder.root), "true_class": None if y is None else names[y],
                 "predicted_class": names[k], "scores": {c: float(f"{v:.9g}") for c, v in zip(names, s)}}
                for p, y, k, s in zip(folder.paths, labels, exp.result.predictions.tolist(), scores)]
+    label = exp.images.encoder.label
     if path.suffix.lower() == ".csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        label = exp.images.encoder.label
         w.writerow(["path", "true_class", "predicted_class", *[f"score_{c}" for c in names], "encoder"])
-        for r in records:
-            w.writerow([r["path"], r["true_class"] or "", r["predicted_class"],
-                        *[f"{r['scores'][c]:.9g}" for c in names], label])
+        w.writerows([r["path"], r["true_class"] or "", r["predicted_class"],
+                     *[f"{r['scores'][c]:.9g}" for c in names], label] for r in records)
         text = buf.getvalue()
     else:
-        text = json.dumps({"encoder": exp.images.encoder.label, "is_standin": exp.images.encoder.is_standin,
-                           "class_names": names, "predictions": records},
-                          indent=1, ensure_ascii=False) + "\n"
+        text = json.dumps({"encoder": label, "is_standin": exp.images.encoder.is_standin, "class_names": names,
+                           "predictions": records}, indent=1, ensure_ascii=False) + "\n"
     path.write_text(text, encoding="utf-8", newline="\n")
-    meta = path.with_name(path.stem + ".meta.json")
-    meta.write_text(json.dumps(exp.provenance(), indent=1, ensure_ascii=False, sort_keys=True, default=str) + "\n",
-                    encoding="utf-8", newline="\n")
+    path.with_name(path.stem + ".meta.json").write_text(
+        json.dumps(exp.provenance(), indent=1, ensure_ascii=False, sort_keys=True, default=str) + "\n",
+        encoding="utf-8", newline="\n")
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -344,10 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("kpl: %(levelname)s: %(message)s"))
-    saved = (list(log.handlers), log.level, log.propagate)
-    log.handlers[:] = [handler]
+    saved = list(log.handlers), log.level, log.propagate
+    log.handlers[:], log.propagate = [handler], False
     log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
-    log.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StandInWarning)
@@ -361,6 +350,5 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     finally:
-        log.handlers[:] = saved[0]
+        log.handlers[:], log.propagate = saved[0], saved[2]
         log.setLevel(saved[1])
-        log.propagate = saved[2]
