@@ -1,29 +1,22 @@
 """DICOM files as the 8-bit RGB images a CLIP model expects, through pydicom (an optional dependency).
 
 A DICOM file stores values; what a radiologist sees is a chain of look-up tables applied to them (PS3.4 N.2).
-:func:`dicom_to_image` follows that chain for one frame:
+:func:`dicom_to_image` follows it for one frame, with ``pydicom.pixels``:
 
-1. **Modality LUT**: the Modality LUT Sequence, else rescale slope and intercept, :math:`v = m\\,s + b` (e.g.
-   Hounsfield units), by ``pydicom.pixels.apply_modality_lut``.
-2. **VOI LUT**: the VOI LUT Sequence, else the window centre/width (``LINEAR``, ``LINEAR_EXACT``, ``SIGMOID``; the
-   first window of several), by ``pydicom.pixels.apply_voi_lut``; that table's output range
-   :math:`[y_{min}, y_{max}]` maps to ``[0, 255]``. Without either, the frame's **full range**
+1. **Modality LUT**: the Modality LUT Sequence, else rescale slope and intercept, :math:`v = m\\,s + b`.
+2. **VOI LUT**: the VOI LUT Sequence, else the (first) window centre/width; the table's output range
+   :math:`[y_{min}, y_{max}]` maps to ``[0, 255]``. Without either, the frame's full range
    :math:`(v - \\min v) / (\\max v - \\min v)`, as viewers show it.
 3. **MONOCHROME1** (``0`` = white) is inverted, so bone is bright as in MONOCHROME2.
-4. **Colour**: RGB and YBR (converted to RGB by pydicom) are scaled by :math:`2^{\\text{BitsStored}} - 1`;
-   PALETTE COLOR goes through its palette (``apply_color_lut``).
+4. **Colour**: RGB and YBR are scaled by :math:`2^{\\text{BitsStored}} - 1`; PALETTE COLOR goes through its palette.
 
-**Multi-frame files** give their **middle frame**, ``NumberOfFrames // 2`` (a volume's central slice), alone decoded.
-
-**Transfer syntaxes**, through pydicom's pixel-data handlers: with pydicom, numpy and Pillow, uncompressed (implicit
-or explicit VR, little or big endian, deflated), RLE Lossless (pydicom), JPEG Baseline and 8-bit JPEG Extended
-(Pillow), JPEG 2000 and JPEG 2000 Lossless (Pillow's OpenJPEG) read. JPEG Lossless (process 14), JPEG-LS, 12-bit JPEG
-Extended and HTJ2K need a handler package (``pylibjpeg`` with ``pylibjpeg-libjpeg`` or ``-openjpeg``,
-``python-gdcm``, ``pyjpegls``): the error for such a file names those that would read it.
+**Multi-frame files** give their middle frame, ``NumberOfFrames // 2`` (a volume's central slice), alone decoded.
+Compressed transfer syntaxes read as far as pydicom's installed decoders allow; the error for one that no decoder
+reads names the packages that would (``pylibjpeg``, ``python-gdcm``, ``pyjpegls``).
 
 **Privacy**: headers carry patient names, IDs and dates. Only the technical attributes of :data:`PIXEL_TAGS` are
-parsed (``dcmread(specific_tags=...)``), pydicom's warnings and value checks are off while it reads, and messages
-name the file path and technical attributes only: no header value can reach a message, a log or a cache.
+parsed, pydicom's warnings and value checks are off while it reads, and messages name the file path and technical
+attributes only: no header value can reach a message, a log or a cache.
 """
 from __future__ import annotations
 
@@ -47,7 +40,6 @@ PIXEL_TAGS = (
     *(f"{c}PaletteColorLookupTable{p}" for c in ("Red", "Green", "Blue") for p in ("Descriptor", "Data")),
     *(f"Segmented{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue")),
 )
-_PIP_NAMES = {"gdcm": "python-gdcm"}
 
 
 def is_dicom(data: bytes) -> bool:
@@ -69,21 +61,11 @@ def _pydicom(path: Path):
         yield pydicom
 
 
-def _set_raw_transfer_syntax(ds) -> None:
-    """A raw data set (no file meta) is uncompressed: its transfer syntax is the encoding it was read with."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    implicit, little = ds.original_encoding
-    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else [ExplicitVRBigEndian,
-                                                                              ExplicitVRLittleEndian][little]
-
-
 def read_header(data: bytes, path):
     """The technical attributes (:data:`PIXEL_TAGS`) of a DICOM file as a ``pydicom.Dataset``; nothing else is read.
 
-    Files without the ``DICM`` marker (raw data sets, old exports) are read with ``force=True``.
+    Files without the ``DICM`` marker (raw data sets, old exports) are read with ``force=True``; being uncompressed,
+    their transfer syntax is the encoding they were read with.
     """
     path, where = Path(path), "the header"
     with _pydicom(path) as pydicom:
@@ -96,25 +78,27 @@ def read_header(data: bytes, path):
             if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
                 if is_dicom(data):
                     raise ValueError("no transfer syntax")
-                _set_raw_transfer_syntax(ds)
+                implicit, little = ds.original_encoding
+                ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
+                    pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad headers; quote no value
             raise ImageDecodeError(path, f"not a readable DICOM file ({type(exc).__name__} while reading {where}: "
                                          "the file is damaged, truncated or not DICOM)") from None
     return ds
 
 
-def _decoders_hint(ts) -> str:
+def _decoders_hint(pydicom, ts) -> str:
     """The pip commands that would add a decoder for transfer syntax ``ts``, from pydicom's own handler table."""
-    from pydicom.pixels import get_decoder
-
     try:
-        missing = get_decoder(ts).missing_dependencies
+        missing = pydicom.pixels.get_decoder(ts).missing_dependencies
     except NotImplementedError:
         return f"pydicom has no decoder for this transfer syntax ({ts})"
     installs = []
     for line in missing:  # e.g. "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
         names = [n.split(">")[0].split("=")[0].strip() for n in line.partition(" - requires ")[2].split(" and ")]
-        installs.append("pip install " + " ".join(_PIP_NAMES.get(n, n) for n in names if n and n != "numpy"))
+        installs.append("pip install " + " ".join({"gdcm": "python-gdcm"}.get(n, n) for n in names
+                                                   if n and n != "numpy"))
     return "install a decoder that reads it, one of: " + "; ".join(installs) if installs else ""
 
 
@@ -126,13 +110,13 @@ def _frame(ds, path: Path) -> np.ndarray:
             return pydicom.pixels.pixel_array(ds, index=frames // 2 if frames > 1 else None)
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; mapped to a reason below
             text = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        hint = _decoders_hint(pydicom, ts) if ts is not None else ""
     what = f"{ts.name} ({ts})" if ts is not None else "an unknown transfer syntax"
     if "missing dependencies" in text[0] and ts is not None:
         raise ImageDecodeError(path, f"DICOM pixel data is compressed as {what}, which no installed decoder reads; "
-                                     f"{_decoders_hint(ts)}")
+                                     f"{hint}")
     if "less than expected" in text[0]:
         raise ImageDecodeError(path, f"truncated DICOM pixel data ({text[0]})")
-    hint = _decoders_hint(ts) if ts is not None and ts.is_compressed else ""
     raise ImageDecodeError(path, f"cannot decode the DICOM pixel data ({what}: {text[-1]})" + (hint and f"; {hint}"))
 
 
@@ -152,11 +136,6 @@ def _grey_unit(arr: np.ndarray, ds, path: Path) -> np.ndarray:
         raise ImageDecodeError(path, "DICOM pixel values are not finite (NaN or infinity)")
     unit = np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(out)
     return 1.0 - unit if ds.PhotometricInterpretation == "MONOCHROME1" else unit
-
-
-def _rgb(unit: np.ndarray) -> Image.Image:
-    u8 = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return Image.fromarray(u8, mode="L").convert("RGB") if u8.ndim == 2 else Image.fromarray(u8, mode="RGB")
 
 
 def dicom_to_image(data: bytes, path, max_pixels: int | None = None) -> Image.Image:
@@ -183,18 +162,20 @@ def dicom_to_image(data: bytes, path, max_pixels: int | None = None) -> Image.Im
         raise ImageDecodeError(path, f"image too large: {cols}×{rows} = {rows * cols} pixels per DICOM frame exceeds "
                                      f"the decompression-bomb limit of {limit} pixels; it was not decoded. If the file "
                                      f"is trusted, raise the limit {fix(cli='--max-pixels N', python='max_pixels=N')}")
-    arr = _frame(ds, path)
+    arr, unit = _frame(ds, path), None
     try:
         if photometric in ("MONOCHROME1", "MONOCHROME2") and arr.ndim == 2:
-            return _rgb(_grey_unit(arr, ds, path))
-        if photometric == "PALETTE COLOR" and arr.ndim == 2:
+            unit = _grey_unit(arr, ds, path)
+        elif photometric == "PALETTE COLOR" and arr.ndim == 2:
             from pydicom.pixels import apply_color_lut
 
-            return _rgb(apply_color_lut(arr, ds) / (2.0 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1))
-        if (photometric == "RGB" or photometric.startswith("YBR")) and arr.ndim == 3 and arr.shape[-1] == 3:
-            return _rgb(arr / (2.0 ** int(ds.get("BitsStored") or 8) - 1))
+            unit = apply_color_lut(arr, ds) / (2.0 ** int(ds.RedPaletteColorLookupTableDescriptor[2]) - 1)
+        elif (photometric == "RGB" or photometric.startswith("YBR")) and arr.ndim == 3 and arr.shape[-1] == 3:
+            unit = arr / (2.0 ** int(ds.get("BitsStored") or 8) - 1)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise ImageDecodeError(path, f"cannot apply the DICOM look-up tables ({type(exc).__name__}: the LUT, "
                                      "palette or window attributes are invalid)") from None
-    raise ImageDecodeError(path, f"unsupported DICOM image: PhotometricInterpretation {photometric or '(none)'} "
-                                 f"with {arr.shape[-1] if arr.ndim == 3 else 1} sample(s) per pixel")
+    if unit is None:
+        raise ImageDecodeError(path, f"unsupported DICOM image: PhotometricInterpretation {photometric or '(none)'} "
+                                     f"with {arr.shape[-1] if arr.ndim == 3 else 1} sample(s) per pixel")
+    return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
