@@ -1,19 +1,17 @@
 """The embedding store: embeddings on disk, keyed by content, in a handful of NumPy shards per namespace.
 
-Encoding is the expensive step of every experiment, so each embedding is stored once, under its **namespace**
-(everything besides the input that changes an embedding: model, revision, preprocessing, dtype, decoder version — see
-:meth:`kplib.io.encoders.Encoder.namespace`; one folder per namespace digest under :func:`kplib.paths.cache_dir`) and
-its **key**: the sha256 of the image file's bytes (:func:`content_key`; a renamed image keeps its key, an edited one
-gets a new one) or of the prompt text (:func:`text_key`).
+Each embedding is stored once, under its **namespace** (everything besides the input that changes an embedding:
+:meth:`kplib.io.encoders.Encoder.namespace` plus the decoder version; one folder per namespace digest under
+:func:`kplib.paths.cache_dir`) and its **key**: the sha256 of the image file's bytes (:func:`content_key`: a renamed
+image keeps its key, an edited one gets a new one) or of the prompt text (:func:`text_key`).
 
-A shard is a pair of standard ``.npy`` files: ``<id>.keys.npy`` (``(n, 32)`` uint8, sorted) and ``<id>.rows.npy``
-(``(n, d)`` float32), read memory-mapped. Each :meth:`EmbeddingStore.put` writes a new shard (temporary files, then
-``os.replace``; the keys file last, so a reader never sees half a shard) and, past :data:`MAX_SHARDS`, merges the small
-shards, so a folder holds a handful of files however many embeddings it holds. A lookup is vectorised: the first 8
-bytes of each key, as a big-endian integer, are found in each shard's sorted keys by ``numpy.searchsorted`` and every
-hit's full key is compared. A shard whose files are truncated, have a bad header or inconsistent sizes, or whose rows
-are not finite unit vectors is logged, deleted and reads as misses. A folder that cannot be written (read-only, disk
-full) turns writing off with one :class:`~kplib.errors.CacheWarning`: results are still computed, just not stored.
+A shard is two standard ``.npy`` files, ``<id>.keys.npy`` (``(n, 32)`` uint8, sorted) and ``<id>.rows.npy``
+(``(n, d)`` float32), read memory-mapped. A put writes a new shard atomically (temporary file, ``os.replace``, keys
+last, so a reader never sees half a shard) and past :data:`MAX_SHARDS` merges the small ones. A lookup finds each
+key's first 8 bytes (a big-endian integer) by ``numpy.searchsorted`` and compares the full key. A shard that is
+truncated, has a bad header or sizes, or holds rows that are not finite unit vectors is logged, deleted and reads as
+misses. A folder that cannot be written (read-only, disk full) turns writing off with one
+:class:`~kplib.errors.CacheWarning`: results are still computed, just not stored.
 """
 from __future__ import annotations
 
@@ -71,9 +69,6 @@ class StoreStats:
     writes: int = 0
     damaged: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
 
 @dataclass
 class _Shard:
@@ -114,7 +109,7 @@ class EmbeddingStore:
             self._disable(exc)
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({self.folder}, {'on' if self.writable else 'read-only'}, {self.stats.as_dict()})"
+        return f"EmbeddingStore({self.folder}, {'on' if self.writable else 'read-only'}, {asdict(self.stats)})"
 
     def get(self, keys: Sequence[bytes]) -> tuple[Tensor, Tensor]:
         """``(found, rows)`` for ``keys``: a bool tensor ``(n,)`` and float32 ``(n, d)`` rows, zeros where not found
@@ -161,8 +156,11 @@ class EmbeddingStore:
         if not self.writable or not len(q):
             return 0
         keep = _sorted_unique(q)
+        buf = np.empty((min(_CHUNK, len(keep)), x.shape[1]), np.float32)  # one reused buffer: no fresh pages per block
+        parts = (keep[j:j + _CHUNK] for j in range(0, len(keep), _CHUNK))
+        blocks = (np.take(x, part, axis=0, out=buf[:len(part)]) for part in parts)
         try:
-            self._write(_new_name(), q[keep], x.shape[1], _gather(x, keep))
+            self._write(_new_name(), q[keep], x.shape[1], blocks)
         except OSError as exc:
             self._disable(exc)
             return 0
@@ -302,13 +300,6 @@ def _sorted_unique(keys: np.ndarray) -> np.ndarray:
     order = np.argsort(_prefix(keys), kind="stable")
     k = keys[order].view(np.uint64)
     return order[np.append((k[1:] != k[:-1]).any(1), True)]
-
-
-def _gather(x: np.ndarray, idx: np.ndarray) -> Iterable[np.ndarray]:
-    """``x[idx]`` a chunk at a time, in one reused buffer (no fresh pages to fault in per chunk)."""
-    buf = np.empty((min(_CHUNK, len(idx)), x.shape[1]), np.float32)
-    for j in range(0, len(idx), _CHUNK):
-        yield np.take(x, idx[j:j + _CHUNK], axis=0, out=buf[:len(idx[j:j + _CHUNK])])
 
 
 def _new_name() -> str:
