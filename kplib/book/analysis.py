@@ -88,11 +88,10 @@ def published_import_summary(results: Sequence[tuple[str, KnowledgeBase | str]])
                                        "reason"])
 
 
-def vocabulary(texts: Iterable[str] | KnowledgeBase, stop_words: Iterable[str] = ENGLISH_STOP_WORDS) -> Counter:
+def vocabulary(texts: Iterable[str] | KnowledgeBase) -> Counter:
     """Word counts of a KB's descriptions (or any texts): lower-case words, English stop words removed."""
-    texts = [t for c in texts.classes for t in c.texts] if isinstance(texts, KnowledgeBase) else list(texts)
-    stop = set(stop_words)
-    return Counter(w for t in texts for w in _WORD.findall(t.lower()) if w not in stop)
+    texts = [t for c in texts.classes for t in c.texts] if isinstance(texts, KnowledgeBase) else texts
+    return Counter(w for t in texts for w in _WORD.findall(t.lower()) if w not in ENGLISH_STOP_WORDS)
 
 
 def vocabulary_overlap(a: KnowledgeBase | Iterable[str], b: KnowledgeBase | Iterable[str], top: int = 10) -> dict:
@@ -388,20 +387,19 @@ def read_bench(path: str | os.PathLike | None = None) -> pd.DataFrame | None:
                          for r in raw for v in ("baseline", "reference", "corrected") if f"{v}_s" in r])
 
 
-def scaling_exponents(df: pd.DataFrame, time_column: str = "seconds", by: str = "variant",
-                      n_column: str = "n") -> pd.DataFrame:
-    """Least-squares slope ``b`` of ``log(time) = a + b log(N)`` per group (b ≈ 1: linear in N)."""
-    for col in (time_column, by, n_column):
-        if col not in df:
-            raise KPLInputError(f"df has no column {col!r}; columns are {list(df.columns)}")
+def scaling_exponents(df: pd.DataFrame) -> pd.DataFrame:
+    """Per ``variant`` of a :func:`read_bench` table, the least-squares slope ``b`` of ``log(seconds) = a + b log(n)``
+    (b ≈ 1: linear in N)."""
+    missing = [col for col in ("seconds", "variant", "n") if col not in df]
+    if missing:
+        raise KPLInputError(f"df has no column {missing}; columns are {list(df.columns)}")
     rows = []
-    for key, sub in df.groupby(by, sort=False):
-        sub = sub[(sub[time_column] > 0) & (sub[n_column] > 0)].sort_values(n_column)
-        if sub[n_column].nunique() < 2:
-            raise KPLInputError(f"group {key!r} has fewer than two distinct {n_column} values with positive "
-                                f"{time_column}; cannot fit a scaling exponent")
-        b = np.polyfit(np.log(sub[n_column].to_numpy(float)), np.log(sub[time_column].to_numpy(float)), 1)[0]
-        rows.append({by: key, "exponent": float(b), "seconds_at_min_n": float(sub[time_column].iloc[0]),
-                     "seconds_at_max_n": float(sub[time_column].iloc[-1]), "n_min": int(sub[n_column].min()),
-                     "n_max": int(sub[n_column].max())})
+    for variant, sub in df.groupby("variant", sort=False):
+        sub = sub[(sub.seconds > 0) & (sub.n > 0)].sort_values("n")
+        if sub.n.nunique() < 2:
+            raise KPLInputError(f"variant {variant!r} has fewer than two distinct n values with positive seconds; "
+                                "cannot fit a scaling exponent")
+        b = np.polyfit(np.log(sub.n.to_numpy(float)), np.log(sub.seconds.to_numpy(float)), 1)[0]
+        rows.append({"variant": variant, "exponent": float(b), "seconds_at_min_n": float(sub.seconds.iloc[0]),
+                     "seconds_at_max_n": float(sub.seconds.iloc[-1]), "n_min": int(sub.n.min()), "n_max": int(sub.n.max())})
     return pd.DataFrame(rows)

@@ -271,13 +271,12 @@ def confusion(cm: Any, class_names: Sequence[str], *, encoder: Any, title: str =
     return finish(fig, f"{title} (numbers = image counts)", encoder)
 
 
-def similarity(table: pd.DataFrame, *, encoder: Any, title: str = "Description prompts: mean cosine between "
-               "classes") -> Figure:
+def similarity(table: pd.DataFrame, *, encoder: Any) -> Figure:
     """Heatmap of a class × class similarity table (:func:`.analysis.description_similarity`)."""
     fig, ax = _axes(7.5, 5)
     _heat(ax, table, table.columns, True, ".2f", "mako", "mean cosine")
     ax.set(xlabel="class", ylabel="class")
-    return finish(fig, title, encoder)
+    return finish(fig, "Description prompts: mean cosine between classes", encoder)
 
 
 def plans(plans: Any, labels: Any, class_names: Sequence[str], *, encoder: Any) -> Figure:
@@ -307,12 +306,11 @@ def plans(plans: Any, labels: Any, class_names: Sequence[str], *, encoder: Any) 
     return finish(fig, "Pseudo-labels per image, sorted by true class", encoder)
 
 
-def marginals(before: Any, after: Any, true_priors: Any, class_names: Sequence[str], *, encoder: Any,
-              before_label: str = "P0 (before transport)") -> Figure:
+def marginals(before: Any, after: Any, true_priors: Any, class_names: Sequence[str], *, encoder: Any) -> Figure:
     """Class shares before transport, after (one or a mapping of variants) and the true shares: (C,) shares or
     counts, or (N, C) plans. A uniform transport forces every class to 1/C whatever the truth: this shows it."""
     c = len(class_names)
-    series = {before_label: _shares(before, "before", c)}
+    series = {"P0 (before transport)": _shares(before, "before", c)}
     for k, v in (after.items() if isinstance(after, Mapping) else [("after transport", after)]):
         series[k] = _shares(v, f"after[{k!r}]", c)
     if true_priors is not None:

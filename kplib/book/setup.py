@@ -128,11 +128,9 @@ class Chapter:
 def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: str | None = None) -> Chapter:
     """Prepare a chapter: quiet logging, inline figures, the version line, the encoder and its banner.
 
-    ``model``: ``"auto"`` (``$KPL_MODEL``, else the untrained stand-in), a checkpoint (hub id or folder),
-    ``"standin"``, or ``"simulated"`` (no encoder loaded). ``output_dir`` is created; ``None``: figures are not
-    saved. ``dataset`` is named in the banner. The stand-in's warning and log line are kept from the page while it
-    loads: the banner is its one announcement, and says why the stand-in was used.
-    """
+    ``model``: ``"auto"`` (``$KPL_MODEL``, else the untrained stand-in), a checkpoint (hub id or folder), ``"standin"``
+    or ``"simulated"`` (no encoder). ``output_dir`` (created; ``None``: figures not saved). The stand-in's warning and
+    log line are kept off the page: the banner is its one announcement, and says why the stand-in was used."""
     quiet()
     if get_ipython() is not None:
         get_ipython().run_line_magic("matplotlib", "inline")
