@@ -1,26 +1,20 @@
 """Audit an image folder before trusting results on it: counts, formats, unreadable files, duplicates and leaks.
 
 Public medical image sets often hold the same picture twice, sometimes under two labels (a labelling leak), and
-exported folders pick up aliases, stray files and undecodable names. :func:`audit` reports:
+exported folders pick up aliases, stray files and undecodable names. :func:`audit` reports class counts and the
+imbalance :math:`\\max_c n_c / \\min_c n_c`, formats and sizes, unreadable files with their reasons, **exact
+duplicates** (same SHA-256) within and across classes, **near-duplicates**, aliased and empty class folders, files
+outside ``<class>/<image>`` and names that are not valid UTF-8.
 
-- class counts and the imbalance ratio :math:`\\max_c n_c / \\min_c n_c`;
-- image formats and modes (``JPEG L``, ``PNG RGBA``, ``DICOM MONOCHROME2 16-bit``) and sizes, summarised;
-- unreadable files with their reasons (:func:`kplib.io.images.decode_image`);
-- **exact duplicates**: files with the same bytes (SHA-256), within a class and across classes;
-- **near-duplicates**: pairs whose perceptual hashes (pHash, ``imagehash.phash``: the signs of the 8×8 lowest DCT
-  frequencies of a 32×32 grey thumbnail against their median, 64 bits) differ in at most ``near_threshold`` bits.
-  The default, 2 bits, is where the same picture lands after re-encoding or resizing (measured on 150 images of each
-  shared data set: JPEG quality 75-95, a 224-pixel or half-size resize move the hash by at most 2 bits, except on the
-  Gaussian-filtered fundus set), while distinct pictures of one data set are rarely that close (at 4 bits, 172 pairs
-  of distinct fundus photographs of ``eye_diseases_4class`` already match). pHash does not survive crops (a 2 % crop
-  moves it by 10-22 bits): near-duplicates are candidates to look at, not proof;
-- class folders that are the same folder (symbolic-link aliases), empty class folders;
-- files outside the expected depth (deeper than ``<class>/<image>``, or loose beside the class folders);
-- names that are not valid UTF-8.
+Near-duplicates are pairs whose perceptual hashes (``imagehash.phash``: the signs of the 8×8 lowest DCT frequencies
+of a 32×32 grey thumbnail against their median, 64 bits) differ in at most ``near_threshold`` bits. The default, 2,
+is where re-encoding (JPEG quality 75-95) or resizing moves the same picture on the shared data sets, while distinct
+pictures are rarely that close (at 4 bits, 172 distinct fundus pairs match). pHash does not survive crops (a 2 % crop
+moves it 10-22 bits): near-duplicates are candidates to look at, not proof.
 
 **Findings that matter** (exit code 1 of ``kpl audit``): unreadable files, exact duplicates across classes, aliased
-class folders and empty class folders: each changes what a run computes or measures. The rest is information.
-:func:`find_leaks` gives the cross-class duplicates and aliases alone, fast, for the pipeline's warnings.
+and empty class folders; each changes what a run computes or measures. :func:`find_leaks` gives the cross-class
+duplicates and aliases alone, fast, for the pipeline's warnings.
 """
 from __future__ import annotations
 
@@ -37,21 +31,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import ImageDecodeError, KPLInputError, fix
+from ..params import Interval
 from .datasets import ImageFolder, class_folder_aliases, display_path, is_image_name, load_dataset
-from .dicom import is_dicom, read_header
+from .dicom import DICOM_EXTENSIONS, is_dicom, read_header
 from .images import decode_image, read_bytes
 
 NEAR_THRESHOLD = 2
 HASH_BITS = 64
-
-
-def _phash(image: Image.Image) -> int:
-    try:
-        import imagehash
-    except ImportError:
-        raise KPLInputError("near-duplicate search needs imagehash: pip install imagehash, or leave it out "
-                            f"{fix(cli='--no-near', python='near=False')}") from None
-    return int(str(imagehash.phash(image, hash_size=8)), 16)
 
 
 @dataclass
@@ -75,8 +61,7 @@ class Leaks:
 
 
 def _class_folders(ds: ImageFolder) -> list[Path]:
-    base = ds.root / ds.split if ds.split else ds.root
-    return [base / c for c in ds.class_names] if ds.labelled else []
+    return [(ds.root / (ds.split or "")) / c for c in ds.class_names] if ds.labelled else []
 
 
 def find_leaks(dataset: ImageFolder, digests: Sequence | None = None) -> Leaks:
@@ -126,10 +111,9 @@ class AuditReport:
     def findings(self) -> list[str]:
         """The findings that matter (they make ``kpl audit`` exit with 1)."""
         cross = [g for g in self.exact_duplicates if g["cross_class"]]
-        out = [f"{len(self.unreadable)} unreadable file(s)"] * bool(self.unreadable)
-        out += [f"{len(cross)} group(s) of exact duplicates across classes"] * bool(cross)
-        out += [f"{len(self.aliases)} aliased class folder group(s)"] * bool(self.aliases)
-        return out + [f"{len(self.empty_classes)} empty class folder(s)"] * bool(self.empty_classes)
+        found = [(self.unreadable, "unreadable file(s)"), (cross, "group(s) of exact duplicates across classes"),
+                 (self.aliases, "aliased class folder group(s)"), (self.empty_classes, "empty class folder(s)")]
+        return [f"{len(items)} {text}" for items, text in found if items]
 
     @property
     def exit_code(self) -> int:
@@ -140,9 +124,11 @@ class AuditReport:
 
     def to_text(self, max_items: int = 20) -> str:
         def listing(title: str, items: list[str]) -> list[str]:
-            head = [f"{title}: {len(items) or 'none'}"]
-            return head + [f"  {t}" for t in items[:max_items]] + [f"  ... and {len(items) - max_items} more"] * (
-                len(items) > max_items)
+            more = [f"  ... and {len(items) - max_items} more"] * (len(items) > max_items)
+            return [f"{title}: {len(items) or 'none'}", *(f"  {t}" for t in items[:max_items]), *more]
+
+        def across(d: dict) -> str:
+            return "ACROSS CLASSES " if d["cross_class"] else ""
 
         counts = ", ".join(f"{c} {n}" for c, n in self.class_counts.items())
         ratio = f"; imbalance max/min = {self.imbalance_ratio:.2f}" if self.imbalance_ratio else ""
@@ -150,28 +136,25 @@ class AuditReport:
                  f"images: {self.n_images}" + (f" in {len(self.class_counts)} classes ({counts}){ratio}"
                                                if self.class_counts else ""),
                  "formats: " + ", ".join(f"{m} {n}" for m, n in self.modes.items()),
-                 f"sizes: {self.sizes.get('summary', '-')}"]
-        lines += listing("unreadable files", [f"{p}: {r}" for p, r in self.unreadable])
-        exact = [("ACROSS CLASSES " if g["cross_class"] else "") + " = ".join(g["paths"]) for g in
-                 self.exact_duplicates]
-        lines += listing("exact duplicate groups (same bytes)", exact)
-        near = [("ACROSS CLASSES " if d["cross_class"] else "") + f"{d['a']} ~ {d['b']} ({d['distance']} bits)"
-                for d in self.near_duplicates]
+                 f"sizes: {self.sizes.get('summary', '-')}",
+                 *listing("unreadable files", [f"{p}: {r}" for p, r in self.unreadable]),
+                 *listing("exact duplicate groups (same bytes)",
+                          [across(g) + " = ".join(g["paths"]) for g in self.exact_duplicates])]
         if self.near_threshold is not None:
-            lines += listing(f"near-duplicate pairs (pHash within {self.near_threshold} of 64 bits)", near)
-        lines += listing("aliased class folders", [" = ".join(g) for g in self.aliases])
-        lines += listing("empty class folders", self.empty_classes)
-        lines += listing("files outside <class>/<image>", self.outside_depth)
-        lines += listing("names that are not valid UTF-8", self.non_utf8_names)
+            lines += listing(f"near-duplicate pairs (pHash within {self.near_threshold} of 64 bits)",
+                             [across(d) + f"{d['a']} ~ {d['b']} ({d['distance']} bits)" for d in self.near_duplicates])
+        lines += [*listing("aliased class folders", [" = ".join(g) for g in self.aliases]),
+                  *listing("empty class folders", self.empty_classes),
+                  *listing("files outside <class>/<image>", self.outside_depth),
+                  *listing("names that are not valid UTF-8", self.non_utf8_names)]
         found = self.findings()
-        lines.append(f"verdict: {'; '.join(found)} (exit 1)" if found else "verdict: nothing that changes results "
-                                                                          "(exit 0)")
-        return "\n".join(lines)
+        return "\n".join([*lines, f"verdict: {'; '.join(found)} (exit 1)" if found
+                          else "verdict: nothing that changes results (exit 0)"])
 
 
 def _format_of(data: bytes, path: Path) -> str:
     """``"JPEG L"``, ``"PNG RGBA"``, or for DICOM e.g. ``"DICOM MONOCHROME2 12-bit JPEG 2000 Image Compression"``."""
-    if not (is_dicom(data) or path.suffix.lower() in (".dcm", ".dicom")):
+    if not (is_dicom(data) or path.suffix.lower() in DICOM_EXTENSIONS):
         with Image.open(io.BytesIO(data)) as im:
             return f"{im.format} {im.mode}"
     ds = read_header(data, path)
@@ -182,38 +165,23 @@ def _format_of(data: bytes, path: Path) -> str:
 def _sizes(sizes: list[tuple[int, int]]) -> dict:
     if not sizes:
         return {"summary": "-"}
-    arr = np.array(sizes)
+    (w_lo, h_lo), (w_med, h_med), (w_hi, h_hi) = arr = np.percentile(np.array(sizes), [0, 50, 100], axis=0)
     common = Counter(sizes).most_common(3)
-    text = ", ".join(f"{w}×{h} ({n})" for (w, h), n in common)
-    summary = (f"{len(set(sizes))} distinct, most common {text}; width {arr[:, 0].min()}-{arr[:, 0].max()} (median "
-               f"{int(np.median(arr[:, 0]))}), height {arr[:, 1].min()}-{arr[:, 1].max()} (median "
-               f"{int(np.median(arr[:, 1]))})")
+    summary = (f"{len(set(sizes))} distinct, most common {', '.join(f'{w}×{h} ({n})' for (w, h), n in common)}; "
+               f"width {w_lo:.0f}-{w_hi:.0f} (median {int(w_med)}), height {h_lo:.0f}-{h_hi:.0f} (median {int(h_med)})")
     return {"summary": summary, "distinct": len(set(sizes)), "most_common": [[list(s), n] for s, n in common],
-            "min": arr.min(axis=0).tolist(), "median": np.median(arr, axis=0).tolist(), "max": arr.max(axis=0).tolist()}
-
-
-def _near_pairs(hashes: np.ndarray, threshold: int, chunk: int = 1024):
-    """Index pairs (i < j) whose 64-bit hashes differ in at most ``threshold`` bits, with the distance."""
-    out = []
-    for start in range(0, len(hashes), chunk):
-        block = np.bitwise_count(hashes[start:start + chunk, None] ^ hashes[None, :])
-        for i, j in zip(*np.nonzero(block <= threshold)):
-            if start + i < j:
-                out.append((int(start + i), int(j), int(block[i, j])))
-    return out
+            "min": arr[0].astype(int).tolist(), "median": arr[1].tolist(), "max": arr[2].astype(int).tolist()}
 
 
 def _tree_findings(ds: ImageFolder) -> tuple[list[str], list[str]]:
     """(files outside the expected depth, names that are not valid UTF-8) under the dataset's root."""
-    base = ds.root / ds.split if ds.split else ds.root
+    base = ds.root / (ds.split or "")
     outside, bad_names = [], []
     for dirpath, dirnames, filenames in os.walk(ds.root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in dirnames + sorted(filenames):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
-            try:
-                name.encode("utf-8")
-            except UnicodeEncodeError:
+            if any("\udc80" <= c <= "\udcff" for c in name):  # undecodable bytes, kept by Python as surrogates
                 bad_names.append(display_path(p, ds.root))
             if ds.labelled and name in filenames and not name.startswith(".") and is_image_name(name):
                 rel = os.path.relpath(p, base)
@@ -238,14 +206,20 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
     max_pixels : int, optional
         Decompression-bomb limit for decoding (:func:`kplib.io.images.decode_image`).
     """
-    if near_threshold is not None and (isinstance(near_threshold, bool) or not isinstance(near_threshold, int)
-                                       or not 0 <= near_threshold < HASH_BITS):
-        raise KPLInputError(f"near_threshold must be an integer in [0, 63] or None, got {near_threshold!r} "
+    bits = Interval(int, 0, HASH_BITS - 1)
+    if near_threshold is not None and not bits.accepts(near_threshold):
+        raise KPLInputError(f"near_threshold must be {bits.describe()} or None, got {near_threshold!r} "
                             f"{fix(cli='--near-threshold 2', python='near_threshold=2')}")
+    if near_threshold is not None:
+        try:
+            import imagehash
+        except ImportError:
+            raise KPLInputError("near-duplicate search needs imagehash: pip install imagehash, or leave it out "
+                                f"{fix(cli='--no-near', python='near=False')}") from None
     ds = folder_or_dataset if isinstance(folder_or_dataset, ImageFolder) else load_dataset(
         folder_or_dataset, split=split, labelled=labelled, classes=classes, skip_empty=True, allow_aliases=True)
     labels = ds.labels.tolist() if ds.labelled else [None] * len(ds)
-    modes, sizes, unreadable, by_sha, hashes, kept = Counter(), [], [], {}, [], []
+    modes, sizes, unreadable, by_sha, hashes = Counter(), [], [], {}, {}
     for i, p in enumerate(tqdm(ds.paths, desc="auditing", unit="img", disable=not progress)):
         try:
             data = read_bytes(p)
@@ -257,30 +231,34 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
         sizes.append(rgb.size)
         by_sha.setdefault(hashlib.sha256(data).hexdigest(), []).append(i)
         if near_threshold is not None:
-            hashes.append(_phash(rgb))
-            kept.append(i)
+            hashes[i] = int(str(imagehash.phash(rgb, hash_size=8)), 16)
+
+    def rel(i: int) -> str:
+        return display_path(ds.paths[i], ds.root)
 
     def cls(i: int) -> str | None:
         return None if labels[i] is None else ds.class_names[labels[i]]
 
-    exact = [{"sha256": sha, "paths": [display_path(ds.paths[i], ds.root) for i in idx],
-              "classes": [cls(i) for i in idx], "cross_class": len({labels[i] for i in idx}) > 1}
-             for sha, idx in by_sha.items() if len(idx) > 1]
+    exact = [{"sha256": sha, "paths": [rel(i) for i in idx], "classes": [cls(i) for i in idx],
+              "cross_class": len({labels[i] for i in idx}) > 1} for sha, idx in by_sha.items() if len(idx) > 1]
     same_bytes = {i: sha for sha, idx in by_sha.items() for i in idx}
-    near = []
-    if near_threshold is not None and kept:
-        for a, b, dist in _near_pairs(np.array(hashes, dtype=np.uint64), near_threshold):
-            i, j = kept[a], kept[b]
-            if same_bytes[i] != same_bytes[j]:
-                near.append({"a": display_path(ds.paths[i], ds.root), "b": display_path(ds.paths[j], ds.root),
-                             "distance": dist, "classes": [cls(i), cls(j)], "cross_class": labels[i] != labels[j]})
+    kept, near = list(hashes), []
+    h = np.array(list(hashes.values()), dtype=np.uint64)
+    for start in range(0, len(h), 1024):  # pairwise Hamming distances, 1024 rows at a time
+        block = np.bitwise_count(h[start:start + 1024, None] ^ h[None, :])
+        for a, b in zip(*np.nonzero(block <= near_threshold)):
+            i, j = kept[start + a], kept[b]
+            if start + a < b and same_bytes[i] != same_bytes[j]:
+                near.append({"a": rel(i), "b": rel(j), "distance": int(block[a, b]), "classes": [cls(i), cls(j)],
+                             "cross_class": labels[i] != labels[j]})
     counts = ds.counts()
     ratio = max(counts.values()) / min(counts.values()) if counts and min(counts.values()) > 0 else None
     outside, bad_names = _tree_findings(ds)
-    aliases = [[display_path(p, ds.root) for p in g] for g in class_folder_aliases(_class_folders(ds))]
     return AuditReport(root=display_path(ds.root), layout="class folders" if ds.labelled else "unlabelled",
                        split=ds.split, n_images=len(ds), class_counts=counts, imbalance_ratio=ratio,
                        modes=dict(modes.most_common()), sizes=_sizes(sizes), unreadable=unreadable,
                        exact_duplicates=exact, near_duplicates=sorted(near, key=lambda d: (d["distance"], d["a"])),
-                       near_threshold=near_threshold, aliases=aliases, empty_classes=list(ds.dropped_classes),
-                       outside_depth=outside, non_utf8_names=bad_names)
+                       near_threshold=near_threshold, outside_depth=outside, non_utf8_names=bad_names,
+                       empty_classes=list(ds.dropped_classes),
+                       aliases=[[display_path(p, ds.root) for p in group]
+                                for group in class_folder_aliases(_class_folders(ds))])
