@@ -4,8 +4,7 @@ Examples::
 
     kpl datasets                          # the registered datasets and whether their folders exist
     kpl datasets ./my_export              # classes, counts and layout of any folder
-    kpl audit ./my_export                 # duplicates, leaks, unreadable files ... (exit 1 when one matters)
-    kpl audit brain_tumor_mri --json > audit.json
+    kpl audit brain_tumor_mri --json      # duplicates, leaks, unreadable files ... (exit 1 when one matters)
 
 :func:`add_dataset_args` and :func:`dataset_options` give every command that reads a folder the same options.
 """
@@ -30,11 +29,10 @@ def _class_list(text: str) -> list[str]:
 def add_dataset_args(p: argparse.ArgumentParser, guards: bool = True) -> None:
     """The options that say how to read an image folder (see :func:`kplib.io.datasets.load_folder`)."""
     p.add_argument("--split", default=None, metavar="NAME",
-                   help="sub-folder holding the class folders, e.g. val (default: the folder itself, or its only "
-                        "split)")
+                   help="sub-folder holding the class folders, e.g. val (default: the folder, or its only split)")
     p.add_argument("--unlabelled", action="store_true",
-                   help="the images have no class folders: read every image under the folder (any depth); the "
-                        "classes come from --classes or the knowledge base")
+                   help="no class folders: read every image under the folder (any depth); the classes come from "
+                        "--classes or the knowledge base")
     p.add_argument("--classes", type=_class_list, default=None, metavar="A,B,...",
                    help="class names of unlabelled images (implies --unlabelled)")
     if guards:
@@ -56,14 +54,6 @@ def dataset_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _kb_label(info) -> str:
-    if info.kb is not None:
-        return info.kb
-    if info.published_descriptors is not None and info.display_names_file is not None:
-        return f"DCLIP, imported at run time ({info.published_descriptors})"
-    return "–"
-
-
 def _list_registry() -> int:
     try:
         root = data_root()
@@ -71,16 +61,17 @@ def _list_registry() -> int:
         root = None
         print(f"note: {exc}")
     print(f"data root: {root}")
-    rows = []
+    rows = [("name", "present", "classes", "kb", "modality", "relation to the KPL paper")]
     for name, info in registry().items():
         folder = root / info.folder / info.split if root is not None else None
-        present = folder is not None and folder.is_dir()
-        n_classes = sum(1 for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")) if present else "–"
-        rows.append((name, "yes" if present else "no", str(n_classes), _kb_label(info), info.modality,
+        n = (sum(c.is_dir() and not c.name.startswith(".") for c in folder.iterdir())
+             if folder is not None and folder.is_dir() else None)
+        kb = info.kb or (f"DCLIP, imported at run time ({info.published_descriptors})"
+                         if info.published_descriptors and info.display_names_file else "–")
+        rows.append((name, "no" if n is None else "yes", "–" if n is None else str(n), kb, info.modality,
                      info.paper_dataset))
-    header = ("name", "present", "classes", "kb", "modality", "relation to the KPL paper")
-    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header) - 1)]
-    for r in [header, *rows]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
     return 0
 
@@ -89,14 +80,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     """List the registry, or describe one folder or dataset: layout, classes, counts, display names."""
     if args.folder is None:
         return _list_registry()
-    ds = load_dataset(args.folder, **dataset_options(args))
-    d = ds.describe()
+    d = load_dataset(args.folder, **dataset_options(args)).describe()
     print(f"dataset: {d['name']}\nfolder: {d['root']}" + (f" (split {d['split']})" if d["split"] else ""))
     print(f"layout: {d['layout']}; {d['n_images']} images, {d['n_classes']} classes")
-    counts = d["counts"]
     width = max((len(c) for c in d["class_names"]), default=0)
     for c, shown in zip(d["class_names"], d["display_names"]):
-        n = f"{counts[c]:>7}" if counts else ""
+        n = f"{d['counts'][c]:>7}" if d["counts"] else ""
         print(f"  {c.ljust(width)}{n}" + (f"  (prompt name: {shown})" if shown != c else ""))
     if d["dropped_classes"]:
         print(f"dropped empty class folders: {', '.join(d['dropped_classes'])}")
@@ -107,10 +96,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Audit a folder or dataset; exit 1 when a finding changes results (unreadable, leaks, aliases, empty)."""
     report = audit(args.folder, near_threshold=None if args.no_near else args.near_threshold,
                    max_pixels=args.max_pixels, progress=args.progress, **dataset_options(args))
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(report.to_text(max_items=args.max_items))
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
+          else report.to_text(max_items=args.max_items))
     return report.exit_code
 
 
@@ -139,7 +126,5 @@ def register(subparsers) -> None:
     p.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--max-items", type=int, default=20, metavar="N", help="items listed per finding (text report)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
-                   help="progress bar on stderr")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bar on stderr")
     p.set_defaults(func=cmd_audit)
-
