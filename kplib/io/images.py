@@ -50,6 +50,7 @@ _READ_ERRORS = {errno.ENOENT: "file not found", errno.EISDIR: "is a directory, n
                 errno.EACCES: "permission denied (cannot read the file)",
                 errno.EPERM: "permission denied (cannot read the file)",
                 errno.ELOOP: "symbolic link loop (the link points back to itself)"}
+_RAISE = fix(cli="--max-pixels N", python="max_pixels=N")
 _PIL_GUARD = threading.Lock()  # Pillow's bomb limit is a process-wide setting: read and raise it under a lock
 
 
@@ -89,23 +90,6 @@ def read_bytes(path) -> bytes:
         raise ImageDecodeError(path, reason) from None
 
 
-def pixel_limit(max_pixels: int | None = None) -> int | None:
-    """The decompression-bomb limit in force: ``max_pixels``, else Pillow's ``PIL.Image.MAX_IMAGE_PIXELS``."""
-    if max_pixels is None:
-        with _PIL_GUARD:
-            return Image.MAX_IMAGE_PIXELS
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-        raise KPLInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r} "
-                            f"{fix(cli='--max-pixels N', python='max_pixels=N')}")
-    return int(max_pixels)
-
-
-def _too_large(width: int, height: int, limit) -> str:
-    return (f"image too large: {width}×{height} = {width * height} pixels exceeds the decompression-bomb limit of "
-            f"{limit} pixels; it was not decoded. If the file is trusted, raise the limit "
-            f"{fix(cli='--max-pixels N', python='max_pixels=N')}")
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB by the module's rules (alpha on black, high bit depths scaled without clipping)."""
     if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -137,16 +121,17 @@ def _pillow_decode(data: bytes, path: Path, limit: int | None) -> Image.Image:
                 Image.MAX_IMAGE_PIXELS = pil_limit
         with im:
             if limit is not None and im.width * im.height > limit:
-                raise ImageDecodeError(path, _too_large(im.width, im.height, limit))
+                raise ImageDecodeError(path, f"image too large: {im.width}×{im.height} = {im.width * im.height} "
+                                             f"pixels exceeds the decompression-bomb limit of {limit} pixels; it was "
+                                             f"not decoded. If the file is trusted, raise the limit {_RAISE} or "
+                                             "downscale the image")
             im.load()
             try:
                 oriented = ImageOps.exif_transpose(im)
             except Exception as exc:  # noqa: BLE001 - corrupt EXIF must not cost the pixels; say so
                 log.warning("ignoring the unreadable EXIF orientation of %s (%s)", path, exc)
                 oriented = im
-            rgb = _to_rgb(oriented)
-            rgb.load()
-            return rgb
+            return _to_rgb(oriented)  # a new, loaded image: detached from the file
 
 
 def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Image:
@@ -166,7 +151,12 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
     kplib.errors.ImageDecodeError
         For empty, truncated, corrupt, pixel-less, oversized or non-image files, with the reason.
     """
-    path, limit = Path(path), pixel_limit(max_pixels)
+    path = Path(path)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
+                                   or max_pixels < 1):
+        raise KPLInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r} {_RAISE}")
+    with _PIL_GUARD:
+        limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if len(data) == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     if is_dicom(data) or (path.suffix.lower() in DICOM_EXTENSIONS and _signature(data) is None):
@@ -177,8 +167,7 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
         rgb = _pillow_decode(data, path, limit)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(path, f"image too large, refused by the decompression-bomb guard ({exc}); it was not "
-                                     f"decoded. If the file is trusted, raise the limit "
-                                     f"{fix(cli='--max-pixels N', python='max_pixels=N')}") from None
+                                     f"decoded. If the file is trusted, raise the limit {_RAISE}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, _unidentified_reason(data)) from None
     except OSError as exc:
