@@ -261,10 +261,11 @@ class EmbeddingStore:
             return self._disable(exc)
         for s in shards:
             self._delete(s.name)
+        stale = time.time() - _STALE_S
         for p in self.folder.iterdir():  # leftovers of killed writers: temporary files, rows whose keys never came
             try:
-                if (p.name.endswith(".tmp") or p.name.endswith(".rows.npy") and not p.with_name(
-                        p.name[:-len("rows.npy")] + "keys.npy").exists()) and p.stat().st_mtime < time.time() - _STALE_S:
+                orphan = p.name.endswith(".rows.npy") and not p.with_name(p.name[:-8] + "keys.npy").exists()
+                if (p.name.endswith(".tmp") or orphan) and p.stat().st_mtime < stale:
                     p.unlink()
             except OSError:  # removed meanwhile by another process
                 pass
@@ -311,8 +312,9 @@ def _unit_rows(x: np.ndarray) -> bool:
 
 
 def _lookup(shard: _Shard, qp: np.ndarray, q64: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-    """Find queries ``idx`` in ``shard`` (sorted by prefix, searched, full keys compared) and copy the rows found into
-    ``out``; returns the hit mask over ``idx``, or None (``out`` partly written) if a row is not a finite unit vector."""
+    """Find queries ``idx`` in ``shard`` (sorted by prefix, searched, full keys compared) and copy the rows found
+    into ``out``; returns the hit mask over ``idx``, or None (``out`` partly written) if a row is not a finite unit
+    vector."""
     order = np.argsort(qp[idx])
     sel = idx[order]
     pos = np.minimum(np.searchsorted(shard.prefix, qp[sel]), len(shard.prefix) - 1)
