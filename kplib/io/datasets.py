@@ -366,16 +366,6 @@ class DatasetInfo:
     display_names_file: str | None = None   # JSON folder -> name inside the dataset folder
     published_descriptors: str | None = None  # file under kplib.paths.descriptors_root() that fits this task
 
-    def resolve_display_names(self, folder: Path) -> dict[str, str]:
-        """Folder -> prompt name: the registry's, or the JSON object ``display_names_file`` in the dataset folder."""
-        if self.display_names_file is None:
-            return dict(self.display_names)
-        file = folder / self.display_names_file
-        try:
-            return {str(k): str(v) for k, v in json.loads(file.read_text(encoding="utf-8")).items()}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise KPLInputError(f"cannot read the class names of dataset {self.name!r} from {file} (a JSON object "
-                                f"folder -> class name): {exc}") from None
 
 
 def registry() -> dict[str, DatasetInfo]:
@@ -405,5 +395,12 @@ def load_dataset(name_or_folder, **options) -> ImageFolder:
                             f"to the folder that holds {info.folder}/{info.split}/<class>/<image>")
     options["split"], options["name"] = options.get("split") or info.split, options.get("name") or info.name
     if options.get("display_names") is None:
-        options["display_names"] = info.resolve_display_names(folder)
+        options["display_names"] = dict(info.display_names)
+        if info.display_names_file is not None:  # a JSON object folder -> prompt name, inside the dataset folder
+            file = folder / info.display_names_file
+            try:
+                options["display_names"] = {str(k): str(v) for k, v in json.loads(file.read_text("utf-8")).items()}
+            except (OSError, ValueError, AttributeError) as exc:
+                raise KPLInputError(f"cannot read the class names of dataset {info.name!r} from {file} (a JSON object "
+                                    f"folder -> class name): {exc}") from None
     return load_folder(folder, **options)
