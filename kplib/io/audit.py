@@ -18,6 +18,7 @@ duplicates and aliases alone, fast, for the pipeline's warnings.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -72,18 +73,14 @@ def find_leaks(dataset: ImageFolder, digests: Sequence | None = None) -> Leaks:
     """
     if dataset.labels is None:
         return Leaks()
-    if digests is None:
-        digests = []
-        for p in dataset.paths:
-            try:
-                digests.append(hashlib.sha256(read_bytes(p)).digest())
-            except ImageDecodeError:
-                digests.append(None)
-    groups: dict = {}
-    for p, y, d in zip(dataset.paths, dataset.labels.tolist(), digests):
-        if d is not None:
-            groups.setdefault(d, []).append((p, y))
-    cross = [[p for p, _ in g] for g in groups.values() if len({y for _, y in g}) > 1]
+    groups, labels = {}, dataset.labels.tolist()
+    for i, p in enumerate(dataset.paths):
+        if digests is None:
+            with contextlib.suppress(ImageDecodeError):
+                groups.setdefault(hashlib.sha256(read_bytes(p)).digest(), []).append(i)
+        elif digests[i] is not None:
+            groups.setdefault(digests[i], []).append(i)
+    cross = [[dataset.paths[i] for i in g] for g in groups.values() if len({labels[i] for i in g}) > 1]
     return Leaks(cross_class=cross, aliases=class_folder_aliases(_class_folders(dataset)))
 
 
