@@ -1,13 +1,11 @@
-"""Knowledge bases (KBs): the per-class visual descriptions of KPL's stage 0 — schema, files, import, validation.
+"""Knowledge bases (KBs): the per-class visual descriptions of KPL's stage 0 — schema, files, validation.
 
-Stage 1 scores each description :math:`d` of class :math:`c` inside the prompt ``KPL_TEMPLATE.format(class_name=
-<display name>, description=d)`` and averages the embeddings :math:`t_d` of the top K into the text proxy
-:math:`w_c \\propto \\sum_{d \\in \\mathrm{top}K(c)} t_d`. A KB (schema v1, :class:`KnowledgeBase`) is therefore, for
-every image-folder class, a list of short visual descriptions and where they came from. This module reads and
-writes KB files strictly (errors name the file, the class and the fix), aligns a KB with a dataset by exact folder
-names (:func:`select`), checks it (:func:`validate`) and gives the generic descriptions of a modality (a control).
-:mod:`kplib.io.descriptors` converts the files people write and the published descriptor files into KBs;
-:mod:`kplib.io.llm` generates KBs with an LLM.
+Stage 1 scores each description :math:`d` of class :math:`c` in the prompt ``KPL_TEMPLATE.format(class_name=<display
+name>, description=d)`` and averages the embeddings of the top K into the text proxy
+:math:`w_c \\propto \\sum_{d \\in \\mathrm{top}K(c)} t_d`. A KB (schema v1) lists, for every image-folder class, short
+visual descriptions and where they came from. Files are read strictly (errors name the file, the class and the fix);
+:func:`select` aligns a KB with a dataset by exact folder names and :func:`validate` checks it.
+:mod:`kplib.io.descriptors` imports descriptor files; :mod:`kplib.io.llm` generates KBs with an LLM.
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ import os
 import re
 import shlex
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +51,7 @@ def _iso_date(value: Any) -> bool:
 _TEXT = (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
 _OPTIONAL = {str: (lambda v: v is None or isinstance(v, str), "a string or null"),
              dict: (lambda v: v is None or isinstance(v, dict), "an object or null")}
-#: schema v1: each field with its rule (check, what it must be); classes and descriptions are checked in _class
+#: schema v1: each field with its rule (check, what it must be); descriptions are checked in _class
 _TOP_FIELDS = {"schema_version": (lambda v: v == SCHEMA_VERSION and v is not True, f"{SCHEMA_VERSION}"),
                "kb_id": _TEXT, "dataset": _OPTIONAL[str], "modality": _OPTIONAL[str],
                "created": (_iso_date, "an ISO date YYYY-MM-DD"),
@@ -154,8 +152,13 @@ def from_dict(data: Any, origin: str | None = None) -> KnowledgeBase:
     """A :class:`KnowledgeBase` from a parsed schema-v1 object, every field checked (errors name file and class)."""
     if not isinstance(data, dict):
         raise _kb_error(origin, f"the top level must be a JSON object, got {type(data).__name__}.")
-    if "schema_version" not in data:
-        raise _not_schema(origin)
+    if "schema_version" not in data:  # a descriptor file: say exactly how to convert it
+        out = str(Path(origin or "kb.json").with_suffix(".kb.json"))
+        how = fix(cli=f"kpl kb import {shlex.quote(origin)} --output {shlex.quote(out)}",
+                  python=f"save_kb(import_descriptors({origin!r}), {out!r})") if origin else "with import_descriptors()"
+        raise _kb_error(origin, "missing field 'schema_version': not a schema-v1 knowledge base. If it is a "
+                                "{class: [descriptions]} map (or another descriptor file), convert it once and use "
+                                f"the converted file {how}; import_descriptors is in kplib.io.descriptors.")
     _check_fields(data, _TOP_FIELDS, origin)
     key, needed = _PROVENANCE.get(data["method"], ("source", ()))
     if any(k not in (data[key] or {}) for k in needed):
@@ -184,16 +187,6 @@ def _class(i: int, c: Any, where: str | None) -> KBClass:
             raise _kb_error(where, f"descriptions[{j}].source must be a string or null.", name)
     return KBClass(name, c["display_name"], [Description(d["text"], d.get("source")) for d in c["descriptions"]],
                    list(c["references"]))
-
-
-def _not_schema(origin: str | None) -> KnowledgeBaseError:
-    """The error for a file without 'schema_version': the exact import that converts a descriptor file."""
-    out = str(Path(origin or "kb.json").with_suffix(".kb.json"))
-    how = fix(cli=f"kpl kb import {shlex.quote(origin)} --output {shlex.quote(out)}",
-              python=f"save_kb(import_descriptors({origin!r}), {out!r})") if origin else "with import_descriptors()"
-    return _kb_error(origin, "missing field 'schema_version': not a schema-v1 knowledge base. If it is a "
-                             "{class: [descriptions]} map (or another descriptor file), convert it once and use the "
-                             f"converted file {how}; import_descriptors is in kplib.io.descriptors.")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -305,8 +298,7 @@ def select(kb: KnowledgeBase, class_names: Sequence[str]) -> KnowledgeBase:
             f"{_class_map_fix(near, name)}." if near else
             f"dataset class {name!r} is not in knowledge base {kb._where()}; the KB has {kb.class_names}. Add "
             f"descriptions for {name!r} or use a KB for this dataset.")
-    extra = [n for n in by_name if n not in set(class_names)]
-    if extra:
+    if extra := [n for n in by_name if n not in class_names]:
         log.warning("knowledge base %s: class(es) %s have no images in the dataset; left out", kb._where(), extra)
     for name in class_names:
         texts = by_name[name].texts
@@ -349,7 +341,7 @@ class Finding:
     """One finding of :func:`validate`; ``index`` is the description's position in its class (None: class or KB)."""
 
     severity: str  # "error" | "warning"
-    check: str  # coverage, prompt_style, empty, or a name of CLASS_CHECKS / DESCRIPTION_CHECKS
+    check: str  # coverage, prompt_style, duplicate_class, count, references, empty, duplicate, near_duplicate, ...
     cls: str | None
     index: int | None
     message: str
@@ -421,103 +413,82 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(re.findall(r"[^\W_]+", text.lower()))
 
 
+def _kb_findings(kb: KnowledgeBase, class_names: list[str] | None, template: str) -> Iterator[Finding]:
+    """Findings about the KB as a whole: coverage of the dataset's classes and the prompt style."""
+    for name in (n for n in class_names or [] if n not in kb.class_names):
+        near = _near_match(name, kb.class_names)
+        yield Finding("error", "coverage", name, None, (
+            f"dataset class {name!r} is missing; the KB has {near!r}, which differs only in case/spacing/underscores. "
+            f"Rename it to {name!r} (the image-folder name); keep the readable form in display_name." if near else
+            f"dataset class {name!r} has no entry in the KB."))
+    for name in (n for n in kb.class_names if class_names is not None and n not in class_names
+                 and not _near_match(n, class_names)):
+        yield Finding("warning", "coverage", name, None, f"KB class {name!r} has no images in the dataset (classes "
+                                                         f"{class_names}); it is left out when the KB is used with it.")
+    if (kb.source or {}).get("kind") == "prompts" and "which has" in template:
+        yield Finding("warning", "prompt_style", None, None, (
+            f"this KB holds full-sentence prompts (CuPL style), not short features; inside {template!r} they read "
+            "badly — encode them with template '{description}' instead."))
+
+
 @dataclass
-class _Pass:
-    """What the rules of one :func:`validate` pass read."""
+class _Checks:
+    """The per-class checks of one :func:`validate` pass, with what they read across classes."""
 
     kb: KnowledgeBase
     min_count: int
     near_ratio: float
     context_length: int
     lengths: dict[int, list[int]]  # id(class) -> prompt token lengths (empty: not counted)
-    norms: dict[int, list[str]]  # id(class) -> descriptions as lower-case words
     owner: dict[str, str]  # lower-cased text -> the first class that has it
-    mentions: dict[str, list[tuple[tuple[str, ...], str, str]]]  # first word -> (words, class, its folder/display name)
+    mentions: dict[str, list[tuple[tuple[str, ...], str, str]]]  # first word -> (words, class, the name as written)
 
-
-def _near_duplicate(v: _Pass, c: KBClass, j: int, text: str) -> str | None:
-    """The same words as an earlier description, or a ``difflib`` ratio ≥ ``near_ratio`` (plural, typo, one word)."""
-    norms = v.norms[id(c)]
-    for i in (i for i in range(j) if norms[i] and c.texts[i].strip() != text.strip()):
-        if norms[i] == norms[j]:
-            return f"same text as #{i} up to case/punctuation: {text!r}."
-        sm = difflib.SequenceMatcher(None, norms[i], norms[j], autojunk=False)
-        if sm.real_quick_ratio() >= v.near_ratio and sm.quick_ratio() >= v.near_ratio and sm.ratio() >= v.near_ratio:
-            return f"near-duplicate of #{i} (similarity {sm.ratio():.2f}): {text!r} ~ {c.texts[i]!r}."
-    return None
-
-
-def _names_other_class(v: _Pass, c: KBClass, j: int, text: str) -> str | None:
-    """Another class's folder name (``_`` read as a space) or display name, as whole words."""
-    words, hits = _words(text), {}
-    for i, w in enumerate(words):
-        for pw, other, phrase in v.mentions.get(w, ()):
-            if other != c.name and words[i:i + len(pw)] == pw:
-                hits.setdefault(other, phrase)
-    return None if not hits else (
-        "mentions " + ", ".join(f"{p!r}, the name of class {o!r}" for o, p in hits.items()) + f": {text!r}. "
-        "Rephrase without naming another class (its words pull this class's proxy towards that class).")
-
-
-def _too_long(v: _Pass, c: KBClass, j: int, text: str) -> str | None:
-    n = v.lengths[id(c)][j] if v.lengths[id(c)] else 0
-    return None if n <= v.context_length else (f"prompt is {n} CLIP tokens (incl. BOS/EOS) > {v.context_length}; "
-                                               f"CLIP would truncate it. Shorten: {text!r}.")
-
-
-#: The checks of :func:`validate`, in report order: (name, severity, rule); a rule returns its message or None.
-#: Class rules take (pass, class); description rules take (pass, class, index, text) of non-empty descriptions.
-CLASS_CHECKS = (
-    ("duplicate_class", "error", lambda v, c: "class appears more than once in the KB."
-     if next(x for x in v.kb.classes if x.name == c.name) is not c else None),
-    ("count", "error", lambda v, c: f"{len(c.texts)} description(s), fewer than min_count={v.min_count}."
-     if len(c.texts) < v.min_count else None),
-    ("references", "warning", lambda v, c: "curated class lists no references."
-     if v.kb.method == "curated" and not c.references else None))
-DESCRIPTION_CHECKS = (
-    ("duplicate", "error", lambda v, c, j, t: next((f"exact duplicate of #{i}: {t!r}." for i in range(j)
-                                                    if c.texts[i].strip() == t.strip()), None)),
-    ("near_duplicate", "warning", _near_duplicate),
-    ("shared_text", "warning", lambda v, c, j, t: None if v.owner[t.strip().lower()] == c.name else
-     f"the same text is also a description of class {v.owner[t.strip().lower()]!r}: {t!r}."),
-    ("names_other_class", "error", _names_other_class),
-    ("token_length", "error", _too_long))
-
-
-def _kb_findings(kb: KnowledgeBase, class_names: list[str] | None, template: str) -> Iterable[tuple]:
-    """Findings about the KB as a whole: coverage of the dataset's classes and the prompt style."""
-    for name in (n for n in class_names or [] if n not in kb.class_names):
-        near = _near_match(name, kb.class_names)
-        yield "error", "coverage", name, None, (
-            f"dataset class {name!r} is missing; the KB has {near!r}, which differs only in case/spacing/underscores. "
-            f"Rename it to {name!r} (the image-folder name); keep the readable form in display_name." if near else
-            f"dataset class {name!r} has no entry in the KB.")
-    for name in (n for n in kb.class_names if class_names is not None and n not in class_names
-                 and not _near_match(n, class_names)):
-        yield "warning", "coverage", name, None, (f"KB class {name!r} has no images in the dataset (classes "
-                                                  f"{class_names}); it is left out when the KB is used with it.")
-    if (kb.source or {}).get("kind") == "prompts" and "which has" in template:
-        yield "warning", "prompt_style", None, None, (
-            f"this KB holds full-sentence prompts (CuPL style), not short features; inside {template!r} they read "
-            "badly — encode them with template '{description}' instead.")
-
-
-def _tokenizer(tokenizer: Any, check: bool) -> tuple[Any, list[Finding]]:
-    """The tokenizer to count with (None: no check) and, when none could be loaded, the finding that says so."""
-    if not check:
-        return None, []
-    try:
-        return (default_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike, type(None)))
-                else tokenizer), []
-    except KnowledgeBaseError as e:
-        return None, [Finding("warning", "token_length", None, None, f"prompt token lengths not checked: {e}")]
+    def __call__(self, c: KBClass) -> list[Finding]:
+        """The findings about class ``c`` in report order: the class's, then each description's."""
+        out, texts, n = [], c.texts, self.lengths[id(c)]
+        add = lambda severity, check, msg, j=None: out.append(Finding(severity, check, c.name, j, msg))
+        if next(x for x in self.kb.classes if x.name == c.name) is not c:
+            add("error", "duplicate_class", "class appears more than once in the KB.")
+        if len(texts) < self.min_count:
+            add("error", "count", f"{len(texts)} description(s), fewer than min_count={self.min_count}.")
+        if self.kb.method == "curated" and not c.references:
+            add("warning", "references", "curated class lists no references.")
+        norms = [" ".join(_words(t)) for t in texts]
+        for j, t in enumerate(texts):
+            if not t.strip():
+                add("error", "empty", "empty description.", j)
+                continue
+            if (i := next((i for i in range(j) if texts[i].strip() == t.strip()), None)) is not None:
+                add("error", "duplicate", f"exact duplicate of #{i}: {t!r}.", j)
+            for i in (i for i in range(j) if norms[i] and texts[i].strip() != t.strip()):
+                # the same words, or a difflib ratio >= near_ratio (a plural, a typo, one word changed)
+                sm, r = difflib.SequenceMatcher(None, norms[i], norms[j], autojunk=False), self.near_ratio
+                if norms[i] == norms[j] or sm.real_quick_ratio() >= r and sm.quick_ratio() >= r and sm.ratio() >= r:
+                    add("warning", "near_duplicate", f"same text as #{i} up to case/punctuation: {t!r}."
+                        if norms[i] == norms[j] else
+                        f"near-duplicate of #{i} (similarity {sm.ratio():.2f}): {t!r} ~ {texts[i]!r}.", j)
+                    break
+            if (first := self.owner[t.strip().lower()]) != c.name:
+                add("warning", "shared_text", f"the same text is also a description of class {first!r}: {t!r}.", j)
+            words, hits = _words(t), {}  # another class's folder name (_ read as a space) or display name
+            for k, w in enumerate(words):
+                for pw, other, phrase in self.mentions.get(w, ()):
+                    if other != c.name and words[k:k + len(pw)] == pw:
+                        hits.setdefault(other, phrase)
+            if hits:
+                add("error", "names_other_class", "mentions " + ", ".join(
+                    f"{p!r}, the name of class {o!r}" for o, p in hits.items()) + f": {t!r}. Rephrase without naming "
+                    "another class (its words pull this class's proxy towards that class).", j)
+            if n and n[j] > self.context_length:
+                add("error", "token_length", f"prompt is {n[j]} CLIP tokens (incl. BOS/EOS) > {self.context_length}; "
+                                             f"CLIP would truncate it. Shorten: {t!r}.", j)
+        return out
 
 
 def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokenizer: Any = None,
              template: str = KPL_TEMPLATE, context_length: int | None = None, min_count: int | None = None,
              check_tokens: bool = True, near_duplicate_ratio: float = NEAR_DUPLICATE_RATIO) -> ValidationReport:
-    """Check a KB — against a dataset's ``class_names`` when given — in one pass over :data:`CLASS_CHECKS` and
-    :data:`DESCRIPTION_CHECKS`, and return every finding.
+    """Check a KB, against a dataset's ``class_names`` when given, and return every finding.
 
     Errors (``report.ok`` False): a dataset class missing from the KB (a near-match named), a class with fewer than
     ``min_count`` descriptions (default 40 for curated KBs, else 1), empty or duplicate descriptions, a prompt
@@ -534,9 +505,13 @@ def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokeni
     if "{class_name}" not in template or "{description}" not in template:
         raise KnowledgeBaseError(f"template {template!r} must contain '{{class_name}}' and '{{description}}' "
                                  + fix(cli="--template '... {class_name} ... {description}'", python="template=..."))
-    dataset = None if class_names is None else list(class_names)
-    tok, findings = _tokenizer(tokenizer, check_tokens)
-    findings += [Finding(*f) for f in _kb_findings(kb, dataset, template)]
+    dataset, tok, findings = None if class_names is None else list(class_names), None, []
+    try:
+        if check_tokens:
+            tok = default_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike, type(None))) else tokenizer
+    except KnowledgeBaseError as e:
+        findings.append(Finding("warning", "token_length", None, None, f"prompt token lengths not checked: {e}"))
+    findings += _kb_findings(kb, dataset, template)
     prompts = [template.format(class_name=c.display_name, description=t) for c in kb.classes for t in c.texts]
     counted = iter(map(len, tok(prompts, add_special_tokens=True, truncation=False)["input_ids"] if tok and prompts
                        else []))
@@ -546,31 +521,25 @@ def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokeni
         for t in c.texts:
             owner.setdefault(t.strip().lower(), c.name)
     display, mentions = {c.name: c.display_name for c in kb.classes}, {}
-    for n in kb.class_names if dataset is None else dataset:
-        for phrase in dict.fromkeys([n.replace("_", " ").strip(), display.get(n, n)]):
+    for name in kb.class_names if dataset is None else dataset:
+        for phrase in dict.fromkeys([name.replace("_", " ").strip(), display.get(name, name)]):
             if words := _words(phrase):
-                mentions.setdefault(words[0], []).append((words, n, phrase))
-    v = _Pass(kb, min_count if min_count is not None else CURATED_MIN_COUNT if kb.method == "curated" else 1,
-              near_duplicate_ratio, context_length or (limit if limit < 100_000 else CONTEXT_LENGTH),
-              {id(c): [next(counted) for _ in c.texts] if tok else [] for c in kb.classes},
-              {id(c): [" ".join(_words(t)) for t in c.texts] for c in kb.classes}, owner, mentions)
+                mentions.setdefault(words[0], []).append((words, name, phrase))
+    checks = _Checks(kb, min_count if min_count is not None else CURATED_MIN_COUNT if kb.method == "curated" else 1,
+                     near_duplicate_ratio, context_length or (limit if limit < 100_000 else CONTEXT_LENGTH),
+                     {id(c): [next(counted) for _ in c.texts] if tok else [] for c in kb.classes}, owner, mentions)
     stats = []
     for c in kb.classes:
-        mine = [Finding(severity, check, c.name, None, msg) for check, severity, rule in CLASS_CHECKS
-                if (msg := rule(v, c))]
-        for j, text in enumerate(c.texts):
-            mine += [Finding(severity, check, c.name, j, msg) for check, severity, rule in DESCRIPTION_CHECKS
-                     if (msg := rule(v, c, j, text))] if text.strip() else [
-                Finding("error", "empty", c.name, j, "empty description.")]
-        findings += mine
-        n = v.lengths[id(c)]
+        findings += (mine := checks(c))
+        n = checks.lengths[id(c)]
         stats.append({"class": c.name, "display_name": c.display_name, "descriptions": len(c.texts),
                       "max_tokens": max(n, default=None), "mean_tokens": round(sum(n) / len(n), 1) if n else None,
                       "errors": sum(f.severity == "error" for f in mine),
                       "warnings": sum(f.severity == "warning" for f in mine)})
     return ValidationReport(kb.kb_id, kb.origin, findings, stats, {
-        "class_names": dataset, "min_count": v.min_count, "template": template, "context_length": v.context_length,
-        "token_check": tok is not None, "near_duplicate_ratio": near_duplicate_ratio})
+        "class_names": dataset, "min_count": checks.min_count, "template": template,
+        "context_length": checks.context_length, "token_check": tok is not None,
+        "near_duplicate_ratio": near_duplicate_ratio})
 
 
 # ------------------------------------------------------------------------------------------------ generic knowledge
@@ -583,9 +552,8 @@ def generic_descriptions(modality: str) -> list[str]:
     """Descriptions that fit any class of an imaging modality: the "generic knowledge" control.
 
     They keep the prompt's form and the modality's words but carry no class knowledge, so KPL run on them measures
-    what class knowledge adds. ``modality`` (e.g. a registry dataset's "paediatric chest X-ray") maps to the first
-    family of ``kplib/io/generic_descriptions.json`` whose name or one of whose ``match`` words it contains,
-    case-insensitively (families are tried in file order).
+    what class knowledge adds. ``modality`` (e.g. "paediatric chest X-ray") maps to the first family of
+    ``kplib/io/generic_descriptions.json`` whose name or one of whose ``match`` words it contains, case-insensitively.
     """
     families = _generic_table()["families"]
     family = next((f for name, f in families.items() if any(w in str(modality).lower()
