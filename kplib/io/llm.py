@@ -1,10 +1,9 @@
 """Generate a knowledge base with an LLM through an OpenAI-compatible chat-completions endpoint (KPL stage 0).
 
-The KPL authors asked gpt-3.5-turbo, once per class, for a numbered list of at least 50 visual features of the class
-and kept each numbered line as a description. :func:`generate_kb` does the same against any ``POST
-{base_url}/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp, Ollama) with the standard library. Settings:
-arguments, else ``$KPL_LLM_BASE_URL``, ``$KPL_LLM_MODEL``, ``$KPL_LLM_API_KEY``. The key travels in the
-``Authorization`` header only: never logged, stored or put in an exception; redirects (which would resend it) refused.
+The KPL authors asked gpt-3.5-turbo, once per class, for a numbered list of at least 50 visual features and kept
+each numbered line as a description; :func:`generate_kb` does the same against any ``POST {base_url}/chat/completions``
+endpoint (OpenAI, vLLM, llama.cpp, Ollama). The API key travels in the ``Authorization`` header only: never logged,
+stored or put in an exception; redirects (which would resend it) are refused.
 """
 from __future__ import annotations
 
@@ -101,11 +100,9 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def _post(cfg: LLMConfig, payload: dict) -> bytes:
     """One POST; the body of a 2xx reply. Raises _Retryable (worth another try) or LLMError (key redacted)."""
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if cfg.api_key:
-        headers["Authorization"] = f"Bearer {cfg.api_key}"
-    req = urllib.request.Request(cfg.base_url + "/chat/completions", data=json.dumps(payload).encode("utf-8"),
-                                 headers=headers, method="POST")
+    headers = {"Content-Type": "application/json", "Accept": "application/json",
+               **({"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})}
+    req = urllib.request.Request(cfg.base_url + "/chat/completions", json.dumps(payload).encode(), headers)
     try:
         with _OPENER.open(req, timeout=cfg.timeout) as resp:
             return resp.read()
@@ -120,14 +117,11 @@ def _post(cfg: LLMConfig, payload: dict) -> bytes:
         with contextlib.suppress(OSError, http.client.HTTPException):  # the error body itself may be cut short
             body = e.read()[:300].decode("utf-8", "replace").strip()
         raise LLMError(_redact(f"HTTP {e.code} from {cfg.host}: {body or e.reason}", cfg)) from None
-    except urllib.error.URLError as e:
-        timeout = isinstance(e.reason, TimeoutError)
-        raise _Retryable(f"no answer within timeout={cfg.timeout}s" if timeout
-                         else f"connection failed ({type(e.reason).__name__}: {e.reason})", None) from None
-    except TimeoutError:
-        raise _Retryable(f"no answer within timeout={cfg.timeout}s", None) from None
-    except (http.client.HTTPException, OSError) as e:  # e.g. IncompleteRead, a reset: dropped during the reply
-        raise _Retryable(f"connection dropped during the reply ({type(e).__name__})", None) from None
+    except (http.client.HTTPException, OSError) as e:  # URLError, a timeout, or a reset/IncompleteRead mid-reply
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise _Retryable(f"no answer within timeout={cfg.timeout}s" if isinstance(reason, TimeoutError) else
+                         f"connection failed ({type(reason).__name__}: {reason})" if reason is not e else
+                         f"connection dropped during the reply ({type(e).__name__})", None) from None
 
 
 def chat_completion(messages: list[dict], cfg: LLMConfig, what: str = "request",
@@ -137,9 +131,8 @@ def chat_completion(messages: list[dict], cfg: LLMConfig, what: str = "request",
     Retries with exponential backoff on connection errors, timeouts, HTTP 429 and 5xx; any other 4xx and any
     malformed reply raise :class:`LLMError` at once. ``what`` names the class in messages.
     """
-    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature}
-    if cfg.max_tokens:
-        payload["max_tokens"] = cfg.max_tokens
+    payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
+               **({"max_tokens": cfg.max_tokens} if cfg.max_tokens else {})}
     start, attempt = time.monotonic(), 0
     while True:
         try:
@@ -211,7 +204,7 @@ def build_prompt(class_name: str, prompt: str = "released", modality: str | None
 
 
 def generate_descriptions(class_name: str, cfg: LLMConfig, prompt: str = "released", modality: str | None = None,
-                          min_items: int = 1, sleep: Callable[[float], None] = time.sleep) -> list[str]:
+                          sleep: Callable[[float], None] = time.sleep) -> list[str]:
     """Ask the LLM for one class's features and return the parsed list (:class:`LLMError` when nothing usable)."""
     what = f"class {class_name!r}"
     content, finish = chat_completion([{"role": "user", "content": build_prompt(class_name, prompt, modality)}],
@@ -220,10 +213,9 @@ def generate_descriptions(class_name: str, cfg: LLMConfig, prompt: str = "releas
     if finish == "length" and items:
         log.warning("%s: the reply was cut at max_tokens; dropping its last (possibly partial) item", what)
         items = items[:-1]
-    if len(items) < max(min_items, 1):
+    if not items:
         raise LLMError(f"{what}: the reply from {cfg.host} contains no list items (got {len(content)} characters "
-                       "without '1.'/'-' items)." if not items else
-                       f"{what}: only {len(items)} feature(s) parsed, fewer than min_items={min_items}.")
+                       "without '1.'/'-' items).")
     return items
 
 
@@ -231,7 +223,7 @@ def generate_kb(class_names: Sequence[str], dataset: str | None = None, modality
                 prompt: str = "released", display_names: Sequence[str] | None = None,
                 config: LLMConfig | None = None, base_url: str | None = None, model: str | None = None,
                 api_key: str | None = None, temperature: float | None = None, kb_id: str | None = None,
-                min_items: int = 1, sleep: Callable[[float], None] = time.sleep, **options) -> KnowledgeBase:
+                sleep: Callable[[float], None] = time.sleep, **options) -> KnowledgeBase:
     """A KB (method ``generated``) with one LLM request per class; ``display_names`` go into the prompt.
 
     The KB records ``generator = {model, base_url_host, prompt, prompt_name, modality, temperature, date}`` (the
@@ -251,7 +243,7 @@ def generate_kb(class_names: Sequence[str], dataset: str | None = None, modality
     today = _dt.date.today().isoformat()
     classes = []
     for name, display in zip(class_names, shown):
-        items = generate_descriptions(display, config, prompt, modality, min_items=min_items, sleep=sleep)
+        items = generate_descriptions(display, config, prompt, modality, sleep=sleep)
         log.info("class %r: %d descriptions from %s", name, len(items), config.host)
         classes.append(KBClass(name, display, [Description(t) for t in items]))
     generator = {"model": config.model, "base_url_host": config.host, "prompt": PROMPTS.get(prompt, prompt),
