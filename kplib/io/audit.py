@@ -198,16 +198,13 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
         What to audit. Empty class folders and aliased class folders are reported, not refused.
     near_threshold : int or None
         Largest pHash distance (bits of 64) reported as a near-duplicate; ``None`` skips the perceptual hashes.
-    split, labelled, classes :
-        As for :func:`kplib.io.datasets.load_folder`.
-    max_pixels : int, optional
-        Decompression-bomb limit for decoding (:func:`kplib.io.images.decode_image`).
+    split, labelled, classes, max_pixels :
+        As for :func:`~kplib.io.datasets.load_folder` and :func:`~kplib.io.images.decode_image`.
     """
-    bits = Interval(int, 0, HASH_BITS - 1)
-    if near_threshold is not None and not bits.accepts(near_threshold):
-        raise KPLInputError(f"near_threshold must be {bits.describe()} or None, got {near_threshold!r} "
-                            f"{fix(cli='--near-threshold 2', python='near_threshold=2')}")
     if near_threshold is not None:
+        if not (bits := Interval(int, 0, HASH_BITS - 1)).accepts(near_threshold):
+            raise KPLInputError(f"near_threshold must be {bits.describe()} or None, got {near_threshold!r} "
+                                f"{fix(cli='--near-threshold 2', python='near_threshold=2')}")
         try:
             import imagehash
         except ImportError:

@@ -289,13 +289,8 @@ def _class_files(folder: Path, limit, seed, skip_empty, allow_aliases) -> dict[s
 
 def _unlabelled_files(folder) -> list[Path]:
     """Every image under ``folder`` at any depth, sorted by path; folder links are not followed (no loops)."""
-    found = []
-    for e in visible_entries(folder):
-        if e.is_dir(follow_symlinks=False):
-            found += _unlabelled_files(e.path)
-        elif is_image_entry(e):
-            found.append(Path(e.path))
-    return found
+    return [p for e in visible_entries(folder) for p in (
+        _unlabelled_files(e.path) if e.is_dir(follow_symlinks=False) else [Path(e.path)] * is_image_entry(e))]
 
 
 def load_folder(root, split: str | None = None, display_names=None, limit_per_class: int | None = None,
