@@ -1,12 +1,9 @@
 """Descriptor files into knowledge bases: the files people write and the published descriptor sets.
 
-A descriptor file maps classes to visual descriptions in one of a few shapes — ``{class: [text]}`` and its variants,
-descriptor sets ``{set: {class: [text]}}``, Explicd's criteria table. :func:`import_descriptors` recognises the shape,
-cleans the texts, matches the classes to a dataset's folders explicitly and returns a schema-v1
-:class:`~kplib.io.knowledge.KnowledgeBase` (method ``imported``) that records where each description came from. The
-published sets under ``$KPL_DESCRIPTORS_ROOT`` (DCLIP, WaffleCLIP, CuPL, Xplainer, zero_shot_unseen_pulmonary,
-Explicd) are read at run time, never copied; :func:`dclip_imagenet_kb` aligns DCLIP's ImageNet file with the
-WordNet-id folders of ``imagenet_sample``.
+:func:`import_descriptors` recognises a file's shape (``{class: [text]}`` and variants, descriptor sets
+``{set: {class: [text]}}``, Explicd's criteria table), cleans the texts, matches the classes to a dataset's folders
+explicitly and returns a KB (method ``imported``) recording where each description came from. The published sets under
+``$KPL_DESCRIPTORS_ROOT`` are read at run time, never copied.
 """
 from __future__ import annotations
 
@@ -176,37 +173,21 @@ def _relative(path: Path) -> str:
 def import_descriptors(path: str | os.PathLike, class_map: Mapping[str, str] | None = None,
                        dataset: str | None = None, class_names: Sequence[str] | None = None,
                        subset: str | None = None, drop_empty_classes: bool = False) -> KnowledgeBase:
-    """Convert a descriptor file — as people write it, or as published — into a KB (method ``imported``).
+    """Convert a descriptor file (UTF-8 JSON) — as people write it, or as published — into a KB (method ``imported``).
 
-    Structures, recognised in this order:
+    Structures, in the order tried: an Explicd criteria table (a ``per_class_criteria...`` key; one description
+    ``"<axis>: <criterion>"`` each); ``{"classes": {class: [...]} or [{"name", "descriptions"[, "display_name"]}],
+    <metadata>...}``; descriptor sets ``{set: {class: [...]}}`` (choose one with ``subset``); ``{class: [...]}``
+    (CuPL's full-sentence prompts are recorded as ``kind: "prompts"``). A description is a string or
+    ``{"text": ..., "source": ...}``. A top-level key whose value is a list is a class, any other is metadata, kept in
+    ``source["metadata"]``; its ``dataset``, ``modality``, ``authors``, ``citation`` and ``licence`` strings fill those
+    fields. Whitespace, empty strings and exact duplicates are dropped and counted in ``source["cleaning"]``.
 
-    * an Explicd criteria table (a ``per_class_criteria...`` key): one description ``"<axis>: <criterion>"`` each;
-    * ``{"classes": {class: [...]}, <metadata>...}``, or ``{"classes": [{"name", "descriptions"[, "display_name"]}]}``;
-    * descriptor sets ``{set: {class: [...]}}`` (Xplainer, zero_shot_unseen_pulmonary): choose one with ``subset``;
-    * ``{class: [...]}`` (DCLIP, WaffleCLIP; CuPL's full-sentence prompts are recorded as ``kind: "prompts"``).
-
-    A description is a string or an object ``{"text": ..., "source": ...}``. **Metadata rule**: a top-level key whose
-    value is a list is a class; any other value (a string, number, null, or an object that is not a map of lists) is
-    metadata. Metadata is kept in ``source["metadata"]``; its ``dataset``, ``modality``, ``authors``, ``citation``
-    and ``licence`` strings fill those fields.
-
-    Parameters
-    ----------
-    path : str or Path
-        The descriptor file (UTF-8 JSON).
-    class_map : dict, optional
-        ``{file class: dataset class}`` for classes whose names differ; classes are never aligned silently.
-    dataset : str, optional
-        A registered dataset or an image folder (:func:`kplib.io.datasets.load_dataset`) whose classes, display
-        names and modality the KB takes; with ``class_names`` it is only a label.
-    class_names : list of str, optional
-        The dataset's classes; each must be a key of the file or mapped onto by ``class_map``. File classes left
-        unused are listed in ``source["unused_classes"]``. Without ``dataset`` and ``class_names`` every class is kept.
-    subset : str, optional
-        The descriptor set of a multi-set file.
-    drop_empty_classes : bool
-        Leave out classes without descriptions (listed in ``source["dropped_empty_classes"]``) instead of failing.
-        Whitespace, empty strings and exact duplicates are always dropped, and counted in ``source["cleaning"]``.
+    ``class_map`` ``{file class: dataset class}`` maps classes whose names differ (never aligned silently).
+    ``dataset``: a registered dataset or an image folder whose classes, display names and modality the KB takes (with
+    ``class_names`` only a label). ``class_names``: the classes to keep, each a key of the file or mapped onto; unused
+    file classes are listed in ``source["unused_classes"]`` (without either, every class is kept).
+    ``drop_empty_classes``: leave out classes without descriptions (``source["dropped_empty_classes"]``), not fail.
     """
     path = Path(path)
     rel = _relative(path)
@@ -256,11 +237,8 @@ def published_descriptor_files(root: str | os.PathLike | None = None) -> list[Pa
 
 
 def import_all_published(root: str | os.PathLike | None = None) -> list[tuple[str, KnowledgeBase | str]]:
-    """Every published descriptor file imported as it is: ``[(file[#set], KB or the reason it was refused)]``.
-
-    Strict defaults are used, so a file with empty classes is refused with the reason (import it with
-    ``drop_empty_classes=True`` to use it anyway).
-    """
+    """Every published descriptor file imported as it is, with strict defaults (a file with empty classes is refused):
+    ``[(file[#set], KB or the reason it was refused)]``."""
     root, out = Path(root or paths.descriptors_root()), []
     for p in published_descriptor_files(root):
         rel = p.relative_to(root).as_posix()
@@ -295,11 +273,10 @@ def imagenet_class_map(file_classes: Sequence[str], wnid_names: Mapping[str, str
                        min_anchored: float = 0.5) -> dict[str, str]:
     """``{file class: wnid}`` for an ImageNet-1k descriptor file whose keys follow the ImageNet index order.
 
-    DCLIP and CuPL key ImageNet by CLIP-cleaned names ("crane bird", "construction crane") that differ from the
-    WordNet names of ``class_names.json`` for ~300 classes, where "crane" and "maillot" name two wnids each. Their
-    key order is the index order, i.e. the sorted wnids, so key :math:`i` belongs to the :math:`i`-th sorted wnid.
-    This is verified, never assumed: one unique key per wnid; every key that equals a WordNet name (up to
-    case/spacing/hyphens) sits at a wnid of that name; and at least ``min_anchored`` of the keys are such anchors.
+    DCLIP and CuPL key ImageNet by CLIP-cleaned names ("crane bird") that differ from the WordNet names for ~300
+    classes ("crane" names two wnids). Key :math:`i` belongs to the :math:`i`-th sorted wnid; this is verified, never
+    assumed: one unique key per wnid, every key equal to a WordNet name (up to case/spacing) sits at a wnid of that
+    name, and at least ``min_anchored`` of the keys are such anchors.
     """
     keys, wnids = list(file_classes), sorted(wnid_names)
     bad = [w for w in wnids if not re.fullmatch(r"n\d{8}", str(w))]
@@ -333,10 +310,9 @@ def dclip_imagenet_kb(wnid_names: Mapping[str, str] | None = None, path: str | o
                       dataset: str = "imagenet_sample") -> KnowledgeBase:
     """The published DCLIP ImageNet descriptors (Menon & Vondrick 2023) as a KB over WordNet-id class folders.
 
-    ``wnid_names``: ``{wnid: WordNet name}`` (default: the display names of ``dataset``); ``path``: the descriptor
-    file (default ``$KPL_DESCRIPTORS_ROOT/`` :data:`DCLIP_IMAGENET_FILE`). Classes are aligned by
-    :func:`imagenet_class_map`; the display name is the file's CLIP-cleaned class name, as DCLIP prompts, which also
-    tells the two "crane" and the two "maillot" classes apart.
+    ``wnid_names``: ``{wnid: WordNet name}`` (default: the display names of ``dataset``); ``path`` defaults to
+    :data:`DCLIP_IMAGENET_FILE` under ``$KPL_DESCRIPTORS_ROOT``. Classes are aligned by :func:`imagenet_class_map`; the
+    display name is the file's CLIP-cleaned class name, as DCLIP prompts (it tells the two "crane" classes apart).
     """
     modality = None
     if wnid_names is None:
