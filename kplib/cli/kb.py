@@ -17,7 +17,7 @@ from ..io.llm import PROMPTS, LLMConfig, generate_kb
 
 def _split(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",")]
-    if len(names) < 1 or not all(names):
+    if not all(names):
         raise KPLInputError(f"--classes must be a comma-separated list of class names, got {text!r}.")
     return names
 
@@ -46,6 +46,7 @@ def _coverage(args, kb: knowledge.KnowledgeBase) -> list[str] | None:
 
 
 def _report(args, kb: knowledge.KnowledgeBase, class_names: list[str] | None) -> knowledge.ValidationReport:
+    """Validate ``kb`` with the check options of ``args`` and print the report."""
     report = knowledge.validate(kb, class_names=class_names, tokenizer=getattr(args, "checkpoint", None),
                                 template=args.template or knowledge.KPL_TEMPLATE, min_count=args.min_count,
                                 check_tokens=not args.no_token_check)
@@ -61,11 +62,10 @@ def cmd_validate(args) -> int:
 def _class_map(text: str | None) -> dict | None:
     if not text:
         return None
-    raw = Path(text).read_text(encoding="utf-8") if Path(text).is_file() else text
     try:
-        cmap = json.loads(raw)
-    except json.JSONDecodeError as e:
-        cmap = e
+        cmap = json.loads(Path(text).read_text(encoding="utf-8") if Path(text).is_file() else text)
+    except json.JSONDecodeError:
+        cmap = None
     if not isinstance(cmap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in cmap.items()):
         raise KPLInputError(f"--class-map must be a JSON object {{\"file class\": \"dataset class\"}} or a file "
                             f"holding one; got {text!r}.")
@@ -138,6 +138,12 @@ def _checks(p: argparse.ArgumentParser, model_help: str | None) -> None:
     p.add_argument("--no-token-check", action="store_true", help="skip the prompt token-length check")
 
 
+def _coverage_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dataset", metavar="NAME_OR_FOLDER", help=f"registered dataset or image folder {what}")
+    g.add_argument("--classes", help=f"comma-separated class names {what}")
+
+
 def register(subparsers) -> None:
     """Add the ``kb`` command group (validate, import, generate, list) to the ``kpl`` sub-parsers."""
     kb = subparsers.add_parser("kb", help="knowledge bases: validate, import, generate, list",
@@ -147,30 +153,22 @@ def register(subparsers) -> None:
                  "the CLIP tokenizer in KPL_TOKENIZER_DIR; without one the check is skipped with a warning)")
 
     p = sub.add_parser("validate", help="check a KB; exit 1 when it has errors",
-                       description="Check a KB file or curated KB: coverage of the dataset's classes, counts, empty, "
-                                   "duplicate and near-duplicate descriptions, descriptions naming another class, "
-                                   "prompt token lengths.")
+                       description="Check a KB file or curated KB: coverage of the dataset's classes, counts, "
+                                   "duplicates, descriptions naming another class, prompt token lengths.")
     p.add_argument("kb", help="a KB file or a curated KB name (see `kpl kb list`)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--dataset", metavar="NAME_OR_FOLDER",
-                   help="check coverage against a registered dataset or an image folder (<folder>/<class>/<image>)")
-    g.add_argument("--classes", help="comma-separated class names to check coverage against")
+    _coverage_options(p, "to check coverage against")
     p.add_argument("--no-dataset", action="store_true", help="do not check against the dataset named in the KB")
     p.add_argument("--all", action="store_true", help="print every finding (default: the first 50)")
     _checks(p, tokenizer)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("import", help="convert a descriptor file into a KB file",
-                       description="Convert {class: [descriptions]} (also {class: [{\"text\": ...}]}, the same under "
-                                   "a 'classes' key beside metadata, keys with non-list values read as metadata) or a "
-                                   "published descriptor file into a schema-v1 KB. Nothing is written when the KB "
-                                   "has validation errors, unless --force.")
+                       description="Convert {class: [descriptions]} (or another descriptor file, see "
+                                   "import_descriptors) into a schema-v1 KB. Nothing is written when the KB has "
+                                   "validation errors, unless --force.")
     p.add_argument("file", help="the descriptor JSON file")
     p.add_argument("-o", "--output", required=True, help="KB file to write")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--dataset", metavar="NAME_OR_FOLDER", help="registered dataset or image folder whose classes "
-                                                               "the file must cover")
-    g.add_argument("--classes", help="comma-separated class names the file must cover")
+    _coverage_options(p, "the file must cover")
     p.add_argument("--class-map", help='JSON {"file class": "dataset class"} (or a file holding it)')
     p.add_argument("--subset", help="descriptor set inside a multi-set file (e.g. disease_descriptors_NLM)")
     p.add_argument("--drop-empty-classes", action="store_true",
