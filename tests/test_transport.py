@@ -22,7 +22,7 @@ def _logits(n=30, c=4, seed=0, spread=0.1):
 
 def test_the_front_door_lists_every_solver():
     assert set(TRANSPORT_METHODS) == {"released_greenkhorn", "inmap_sinkhorn", "semidual", "sinkhorn_log",
-                                      "greenkhorn"}
+                                      "greenkhorn", "none"}
     L = _logits()
     for method in TRANSPORT_METHODS:
         res = transport(L, 0.05, method=method)
