@@ -89,3 +89,14 @@ def test_knob_panel_grid():
         widgets.knob_panel("colour")
     with pytest.raises(KPLInputError, match="show_method"):
         widgets.knob_panel("k", values=[1], methods=["zero_shot"], show_method="inmap", **SMALL)
+
+
+def test_every_method_of_the_dropdown_runs():
+    """The playground's method dropdown lists every method; each gets only the knobs it has (CLIP-DN takes no K,
+    no temperatures and no seed, and raised before), and the knobs it has take effect."""
+    for method in widgets.METHODS:
+        run = widgets.simulate_and_run(**SMALL, method=method, k=4, tau_t=0.03)
+        assert 0 <= run.scores["accuracy"] <= 1, method
+        config = run.result.config
+        if method.startswith("kpl"):
+            assert (config.k, config.tau_t) == (4, 0.03), method

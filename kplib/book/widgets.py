@@ -4,7 +4,7 @@ draws the same over a grid of values at build time. Simulated numbers: mechanism
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
@@ -76,8 +76,10 @@ class PlaygroundRun:
 def _run(knobs: tuple, n_images: int, dim: int, seed: int, base: str) -> PlaygroundRun:
     v = dict(knobs)
     world = _world(v["gap"], v["imbalance"], n_images, dim, seed, base)
-    result = run_method(v["method"], world.image_embeddings, world.text, k=v["k"], tau_t=v["tau_t"],
-                        tau_i=v["tau_i"], seed=seed)
+    spec = METHODS[v["method"]]  # pass the knobs the method has (CLIP-DN has no K, no temperatures, no seed)
+    knobs = {k: x for k, x in {**v, "seed": seed}.items() if k in {f.name for f in fields(spec.config)}
+             and (spec.uses is None or k in spec.uses)}
+    result = run_method(v["method"], world.image_embeddings, world.text, **knobs)
     ev = evaluate(world.labels, result.predictions, world.class_names, n_bootstrap=0)
     scores = {m: ev[m] for m in ("accuracy", "balanced_accuracy", "macro_f1")}
     if result.text is not None:
