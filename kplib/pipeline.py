@@ -17,6 +17,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class EmbeddingSet:
                                  paths=[Path(p) for p in d["paths"]], labels=d["labels"], name=d["name"],
                                  skipped=[(Path(p), r) for p, r in d["skipped"]])
             return cls(folder, d["embeddings"], EncoderIdentity.from_dict(d["encoder"]))
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
             raise KPLInputError(f"{path} is not an embedding file written by EmbeddingSet.save ({exc})") from None
 
 

@@ -511,3 +511,15 @@ def test_compare_on_unlabelled_images_has_no_paired_tests(folder, kb, standin, t
     cmp = compare(ds, ["kpl_corrected", "zero_shot"], standin, str(kb), FAST)
     assert cmp.paired == {} and all(e.metrics is None for e in cmp.experiments.values())
     assert list(cmp.table().index) == ["kpl_corrected", "zero_shot"]
+
+
+def test_embedding_set_save_and_load_round_trip(folder, standin, tmp_path):
+    """``EmbeddingSet.save`` (``kpl encode --save``) keeps every field; load refuses a file it did not write."""
+    emb = embed_images(load_dataset(folder), standin, cache=False)
+    loaded = pipeline.EmbeddingSet.load(emb.save(tmp_path / "emb.pt"))
+    assert torch.equal(loaded.embeddings, emb.embeddings) and torch.equal(loaded.labels, emb.labels)
+    assert loaded.paths == emb.paths and loaded.class_names == emb.class_names
+    assert loaded.folder.skipped == emb.folder.skipped and loaded.encoder == emb.encoder
+    (tmp_path / "other.pt").write_bytes(b"not a torch file")
+    with pytest.raises(KPLInputError, match="other.pt is not an embedding file"):
+        pipeline.EmbeddingSet.load(tmp_path / "other.pt")
