@@ -259,3 +259,12 @@ def kpl_data(capsys, *argv) -> tuple[int, str, str]:
         code = 2
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def unlabelled_copy(root: Path, labelled: Path) -> Path:
+    """The PNG images of a labelled ``<class>/<image>`` folder copied into a flat/nested folder without classes."""
+    for i, p in enumerate(sorted(labelled.rglob("*.png"))):
+        dest = root / ("2021" if i % 2 else "2022/deep") / f"scan_{i:02d}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(p.read_bytes())
+    return root

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fixtures_images import unlabelled_copy
 from test_pipeline import CLASSES, make_folder, make_kb
 
 from kplib import pipeline
@@ -270,16 +271,8 @@ def test_each_skipped_file_is_reported_once(capsys, folder, kb, tmp_path):
     assert code == 2 and all(str(p) in err for p in bad) and "--on-error skip" in err
 
 
-def unlabelled(root: Path, labelled: Path) -> Path:
-    for i, p in enumerate(sorted(labelled.rglob("*.png"))):
-        dest = root / ("a" if i % 2 else "b/c") / f"scan_{i:02d}.png"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(p.read_bytes())
-    return root
-
-
 def test_run_unlabelled_with_the_kbs_classes(capsys, folder, kb, tmp_path):
-    images = unlabelled(tmp_path / "export", folder)
+    images = unlabelled_copy(tmp_path / "export", folder)
     out_csv, out_json = tmp_path / "u.csv", tmp_path / "u.json"
     code, out, err = kpl(capsys, "run", images, "--unlabelled", "--kb", kb, "--model", "standin", *FAST,
                          "--predictions", out_csv, "--output", out_json)
@@ -295,7 +288,7 @@ def test_run_unlabelled_with_the_kbs_classes(capsys, folder, kb, tmp_path):
 
 
 def test_run_unlabelled_zero_shot_with_classes_and_no_kb(capsys, folder, tmp_path):
-    images = unlabelled(tmp_path / "export", folder)
+    images = unlabelled_copy(tmp_path / "export", folder)
     out_csv = tmp_path / "z.csv"
     code, _, err = kpl(capsys, "run", images, "--classes", "normal,pneumonia", "--method", "zero_shot",
                        "--model", "standin", "--predictions", out_csv)

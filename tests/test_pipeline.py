@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _fixtures_images import tree_state
+from _fixtures_images import tree_state, unlabelled_copy
 from PIL import Image
 
 from kplib import pipeline
@@ -431,18 +431,9 @@ def test_a_method_that_needs_a_kb_says_how_to_give_one(folder, standin, method):
     assert "command line: --kb" in str(info.value) and "Python: kb=" in str(info.value)
 
 
-def unlabelled_folder(root: Path, labelled_folder: Path) -> Path:
-    """The labelled images copied into a flat/nested folder without classes."""
-    for i, p in enumerate(sorted(labelled_folder.rglob("*.png"))):
-        dest = root / ("2021" if i % 2 else "2022/deep") / f"scan_{i:02d}.png"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(p.read_bytes())
-    return root
-
-
 @pytest.mark.parametrize("method", ["zero_shot", "kpl_corrected", "transclip", "inmap"])
 def test_unlabelled_folder_gives_predictions_without_metrics(folder, kb, standin, tmp_path, method):
-    images = unlabelled_folder(tmp_path / "export", folder)
+    images = unlabelled_copy(tmp_path / "export", folder)
     ds = load_dataset(images, classes=list(CLASSES))
     assert ds.labels is None and len(ds) == 12
     config = [FAST]  # a sequence of configs: each method takes the one of its class (transclip: its default)
@@ -459,7 +450,7 @@ def test_unlabelled_folder_gives_predictions_without_metrics(folder, kb, standin
 
 def test_unlabelled_folder_takes_its_classes_from_the_kb(folder, kb, standin, tmp_path):
     """load_folder documents labelled=False as "classes from classes, or later from a knowledge base"."""
-    images = unlabelled_folder(tmp_path / "export", folder)
+    images = unlabelled_copy(tmp_path / "export", folder)
     exp = run(load_dataset(images, labelled=False), "kpl_corrected", standin, str(kb), FAST)
     assert exp.images.class_names == list(CLASSES) and exp.metrics is None
     assert exp.result.predictions.shape == (12,)
@@ -507,7 +498,7 @@ def test_compare_reference_and_bad_inputs(folder, kb, standin):
 
 
 def test_compare_on_unlabelled_images_has_no_paired_tests(folder, kb, standin, tmp_path):
-    ds = load_dataset(unlabelled_folder(tmp_path / "export", folder), classes=list(CLASSES))
+    ds = load_dataset(unlabelled_copy(tmp_path / "export", folder), classes=list(CLASSES))
     cmp = compare(ds, ["kpl_corrected", "zero_shot"], standin, str(kb), FAST)
     assert cmp.paired == {} and all(e.metrics is None for e in cmp.experiments.values())
     assert list(cmp.table().index) == ["kpl_corrected", "zero_shot"]
