@@ -5,8 +5,10 @@ ViT-224/32, 4 layers, width 256) through :meth:`kplib.io.encoders.Encoder.encode
 come from a generator, decoded one by one as the encoder consumes them (what ``kplib.pipeline.embed_images`` does with
 the files it has to encode). The child reports its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``).
 
-Run time: ~5 ms per image on two idle cores (50,000 images: ~4-5 min). Set ``KPL_MEMTEST_N`` to a smaller number for
-a quicker check (the bound scales with it).
+The child runs one torch thread: under ``make test`` the other xdist worker keeps the second core busy, and two
+threads sharing one free core wait on each other at every operation (the post-encoding bench's small workloads ran
+about 9x slower that way on this machine). Set ``KPL_MEMTEST_N`` to a smaller number for a quicker check (the bound
+scales with it).
 
 What "bounded" means here: the peak for N images may exceed the peak for a small run only by what must grow with N —
 the output (N × 256 float32 embeddings, held a few times while stacking) and ~1 kB of bookkeeping per image — never
@@ -55,7 +57,7 @@ CHILD = (
 
 def peak_rss_mb(n: int, cache_dir: Path) -> tuple[float, float, str]:
     """Encode n generated images in a child; return (peak RSS MB, seconds, stdout)."""
-    env = dict(os.environ, KPL_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="2", PYTHONHASHSEED="0",
+    env = dict(os.environ, KPL_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(n)], capture_output=True, text=True, env=env, cwd=REPO,
