@@ -133,6 +133,7 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     are decoded and encoded; new rows are stored. ``on_error="stop"`` raises one error listing every unreadable file
     (after checking them all; rows encoded before the first failure are kept in the store); ``"skip"`` leaves them
     out, in ``folder.skipped``. Byte-identical files filed under different classes are reported (a labelling leak).
+    ``max_pixels`` is the decompression-bomb limit of decoding; files found in the store are not decoded again.
     """
     strict = check("on_error", on_error, Options("stop", "skip")) == "stop"
     encoder = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
@@ -261,7 +262,7 @@ class Experiment:
                 "is_standin": self.images.encoder.is_standin, "kb": self.text.meta.get("kb_id"),
                 "config": dataclasses.asdict(self.result.config),
                 "metrics": None if m is None else {k: [float(v) for v in m[k]] if isinstance(m[k], (tuple, list))
-                                                   else float(m[k]) for k in keep if k in m},
+                                                   else int(m[k]) if k == "n" else float(m[k]) for k in keep if k in m},
                 "date": _dt.date.today().isoformat()}
 
 

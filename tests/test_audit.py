@@ -113,7 +113,7 @@ def test_find_leaks_fast_path(messy):
 
 def test_imagehash_missing_is_named(messy, monkeypatch):
     monkeypatch.setitem(sys.modules, "imagehash", None)
-    with pytest.raises(KPLInputError, match=r"pip install imagehash.*--no-near.*near=False"):
+    with pytest.raises(KPLInputError, match=r"pip install imagehash.*--no-near.*near_threshold=None"):
         audit(messy)
     assert audit(messy, near_threshold=None).exit_code == 1
 

@@ -309,6 +309,7 @@ def test_output_json_and_merge(capsys, folder, kb, tmp_path):
         assert {"dataset", "model", "method", "config", "metrics"} <= set(d)
         assert d["dataset"] == "cells" and d["method"] == method and d["model"] == STANDIN_LABEL
         assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(d["metrics"])
+        assert type(d["metrics"]["n"]) is int  # an image count, not 6.0
         results.append(d)
     table = tmp_path / "table.csv"
     code, out, err = kpl(capsys, "merge", tmp_path / "kpl_corrected.json", tmp_path / "zero_shot.json",

@@ -41,8 +41,9 @@ def add_dataset_args(p: argparse.ArgumentParser, guards: bool = True) -> None:
         p.add_argument("--allow-aliases", action="store_true",
                        help="accept class folders that are the same folder (symbolic links), with a warning")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="decompression-bomb limit: refuse images of more than N pixels (default Pillow's "
-                        "178,956,970); raise it for trusted very large images")
+                   help="decompression-bomb limit: refuse to decode images of more than N pixels (default Pillow's "
+                        "178,956,970); raise it for trusted very large images. Images whose embeddings are "
+                        "already in the store are not decoded again, so the limit does not apply to them")
 
 
 def dataset_options(args: argparse.Namespace) -> dict:

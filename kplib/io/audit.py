@@ -209,7 +209,7 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
             import imagehash
         except ImportError:
             raise KPLInputError("near-duplicate search needs imagehash: pip install imagehash, or leave it out "
-                                f"{fix(cli='--no-near', python='near=False')}") from None
+                                f"{fix(cli='--no-near', python='near_threshold=None')}") from None
     ds = folder_or_dataset if isinstance(folder_or_dataset, ImageFolder) else load_dataset(
         folder_or_dataset, split=split, labelled=labelled, classes=classes, skip_empty=True, allow_aliases=True)
     labels = ds.labels.tolist() if ds.labelled else [None] * len(ds)

@@ -90,6 +90,10 @@ def read_bytes(path) -> bytes:
         raise ImageDecodeError(path, reason) from None
 
 
+class _Degenerate(ValueError):
+    """A well-formed image that cannot become RGB (its reason is the message, not "corrupt data")."""
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB by the module's rules (alpha on black, high bit depths scaled without clipping)."""
     if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -99,7 +103,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV; a copy even of RGB
     arr = np.asarray(im).astype(np.float64)
     if not np.isfinite(arr).all():
-        raise ValueError("image contains NaN or infinite pixel values")
+        raise _Degenerate("pixel values include NaN or infinity (a floating-point image): nothing to scale to 8 bits")
     lo, hi = float(arr.min()), float(arr.max())
     if im.mode != "F" and lo >= 0:
         scaled = arr * (255.0 / (2 ** max(8, int(hi).bit_length()) - 1))
@@ -174,6 +178,8 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
         if "truncated" in str(exc).lower():
             raise ImageDecodeError(path, f"truncated image data (the file ends early: {exc})") from None
         raise ImageDecodeError(path, f"corrupt image data ({exc})") from None
+    except _Degenerate as exc:
+        raise ImageDecodeError(path, str(exc)) from None
     except (SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error) as exc:
         raise ImageDecodeError(path, f"corrupt image data ({type(exc).__name__}: {exc})") from None
     except MemoryError:
