@@ -131,7 +131,8 @@ def check_matrix(x: Any, name: str, cols: int | None = None) -> Tensor:
         raise KPLInputError(f"{name} must be a non-empty 2-D matrix (rows × features), got shape {tuple(x.shape)}")
     if cols is not None and x.shape[1] != cols:
         raise KPLInputError(f"{name} has {x.shape[1]} columns, expected {cols} (embedding dimensions must match)")
-    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in x.reshape(-1).split(1 << 22))  # chunked: no N×d mask
+    # a NaN or ±inf anywhere makes the sum non-finite (finite values can overflow it too: then count exactly)
+    bad = 0 if torch.isfinite(x.sum()) else sum(int((~torch.isfinite(c)).sum()) for c in x.reshape(-1).split(1 << 22))
     if bad:
         raise KPLInputError(f"{name} contains {bad} NaN/Inf value(s); clean or re-encode the input")
     return x
@@ -147,8 +148,16 @@ def check_embeddings(x: Any, name: str, dim: int | None = None) -> Tensor:
     return x
 
 
-def unit(x: Tensor) -> Tensor:
-    """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``, as the released code calls it)."""
+def unit(x: Tensor, *, exact: bool = True) -> Tensor:
+    """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``, as the released code calls it).
+
+    ``exact=False`` returns ``x`` itself when every row is unit length already, to within the 16 float eps that
+    ``normalize`` itself leaves: normalising again would change rounding only, and would copy an N×d matrix (3 GB
+    for a million CLIP embeddings). Reference mode always normalises, as released.
+    """
+    if not exact and x.ndim == 2 and x.is_floating_point():
+        if float((torch.linalg.vector_norm(x, dim=1) - 1).abs().max()) <= 16 * torch.finfo(x.dtype).eps:
+            return x
     return F.normalize(x, dim=-1)
 
 

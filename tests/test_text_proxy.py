@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kplib.errors import KPLInputError
 from kplib.method.text_proxy import TextProxies, build_text_proxies, kept_per_class, per_image_text_logits
+from kplib.params import check_matrix, unit
 
 
 def _world(seed=0, n=40, d=12, m=(9, 3, 6)):
@@ -162,3 +163,35 @@ def test_bad_switches_raise(kwargs, fragment):
     x, descs = _world()
     with pytest.raises(KPLInputError, match=fragment):
         build_text_proxies(x, descs, k=2, **kwargs)
+
+
+def test_unit_inexact_skips_only_rows_that_are_unit_already():
+    """``unit(x, exact=False)`` (corrected mode) returns x itself, no N×d copy, only when normalising would change
+    rounding alone; rows off unit length by more (e.g. stored in float16) are normalised."""
+    x, _ = _world(seed=6)
+    for dtype in (torch.float32, torch.float64):
+        xu = F.normalize(x.to(dtype), dim=1)
+        assert unit(xu, exact=False) is xu
+        assert unit(xu) is not xu  # reference mode normalises, as released
+        x16 = xu.half().to(dtype)
+        assert torch.equal(unit(x16, exact=False), F.normalize(x16, dim=1))
+        assert torch.equal(unit(2 * xu, exact=False), F.normalize(2 * xu, dim=1))
+
+
+def test_corrected_mode_on_unit_rows_equals_normalising_them_to_rounding():
+    x, descs = _world(seed=7, m=(9, 9, 9))
+    x = x.float()
+    tp = build_text_proxies(x, [d.float() for d in descs], k=4, mode="corrected")
+    ref = build_text_proxies(F.normalize(x, dim=1) * (1 + 1e-3), [d.float() for d in descs], k=4, mode="corrected")
+    assert [s.tolist() for s in tp.selected] == [s.tolist() for s in ref.selected]
+    assert torch.allclose(tp.logits, ref.logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_found_by_the_sum_check_and_large_finite_values_pass(bad):
+    x = torch.ones(5, 4)
+    x[3, 2] = bad
+    with pytest.raises(KPLInputError, match="1 NaN/Inf"):
+        check_matrix(x, "x")
+    big = torch.full((4, 3), 3e38)  # finite, but their float32 sum overflows to inf: counted exactly, none bad
+    assert check_matrix(big, "x") is big

@@ -215,7 +215,7 @@ def _stage2(method: str, x: Tensor, stage1: TextProxies, cfg: KPLConfig, names: 
 def inmap(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
     """InMaP: class-name proxies, balanced Sinkhorn (by default), hardening and the same proxy learning."""
     timings: dict[str, float] = {}
-    x = unit(x)
+    x = unit(x, exact=cfg.mode == "reference")
     with _timed(timings, "text_proxies"):
         names = _names_proxies(x, text)
     return _stage2("inmap", x, names, cfg, text.class_names, timings)
@@ -229,7 +229,7 @@ def kpl(x: Tensor, text: TextEmbeddings, cfg: KPLConfig, descriptions: str | Non
                                     text.class_names)
         if cfg.retrieval == "per_image":  # extension; proxy learning still starts from the dataset-level proxies
             stage1.logits = per_image_text_logits(x, _descriptions(x, text, descriptions), cfg.k)
-    return _stage2("kpl", unit(x), stage1, cfg, text.class_names, timings)
+    return _stage2("kpl", unit(x, exact=cfg.mode == "reference"), stage1, cfg, text.class_names, timings)
 
 
 def waffle(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:

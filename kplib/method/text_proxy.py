@@ -89,7 +89,8 @@ def build_text_proxies(x: Tensor, descriptions: Sequence[Tensor], k: int = 8, mo
     Parameters
     ----------
     x : Tensor (N, d)
-        Image embeddings (normalised here, as the released code does after encoding).
+        Image embeddings, normalised here as the released code does after encoding (corrected mode keeps rows
+        that are unit length already, see :func:`~kplib.params.unit`).
     descriptions : list of Tensor (M_c, d)
         Embeddings of each class's description prompts.
     k : int
@@ -107,7 +108,7 @@ def build_text_proxies(x: Tensor, descriptions: Sequence[Tensor], k: int = 8, mo
     check("k", k, Interval(int, 1))
     check("mode", mode, MODES)
     check("k_rule", k_rule, K_RULES, none_ok=True)
-    x = unit(check_embeddings(x, "image_embeddings"))  # after encoding, as released
+    x = unit(check_embeddings(x, "image_embeddings"), exact=mode == "reference")  # after encoding, as released
     descs = [unit(d.to(x.dtype)) for d in check_descriptions(descriptions, x.shape[1], class_names)]
     rule = k_rule or ("running_min" if mode == "reference" else "per_class")
     kept = kept_per_class(k, [d.shape[0] for d in descs], rule, class_names)
