@@ -152,9 +152,8 @@ class Encoder:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
 
     @staticmethod
-    def _unit(out) -> Tensor:
-        feats = out if isinstance(out, Tensor) else out.pooler_output
-        return F.normalize(feats.float(), dim=-1).cpu()
+    def _unit(out) -> Tensor:  # the projected features of get_image_features / get_text_features, unit rows
+        return F.normalize(out.pooler_output.float(), dim=-1).cpu()
 
     @torch.inference_mode()
     def encode_images(self, images: Iterable[Image.Image], batch_size: int | None = None,
@@ -288,32 +287,23 @@ def _pretrained(source: str, *args) -> Encoder:
             if _offline():
                 raise
             log.info("cached snapshot %s of %s is incomplete (%s)", local, source, exc)
-    _ask_hub(source)
-    encoder = _from_pretrained(source, source, None, False, *args)
-    snapshot = _cached_snapshot(source)  # where the download went; its folder name is the commit
-    commit = _snapshot_commit(snapshot) if snapshot else None
-    if commit is None:  # a download cached elsewhere: the weights themselves tell checkpoints apart
-        h = hashlib.sha256()
-        for name, t in sorted(encoder.model.state_dict().items()):
-            h.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        commit = "unknown-" + h.hexdigest()[:32]
-    encoder.identity = EncoderIdentity(source, commit, False)
-    return encoder
+    return _from_pretrained(source, source, _ask_hub(source), False, *args)  # downloads the commit the hub named
 
 
 def _from_pretrained(src: str, name: str, revision: str | None, local_only: bool, *args) -> Encoder:
+    """Load ``src`` from disk (``local_only``), else download hub commit ``revision``."""
+    kw = {"local_files_only": local_only, "revision": None if local_only else revision}
     try:
-        model_type = transformers.AutoConfig.from_pretrained(src, local_files_only=local_only).model_type
+        model_type = transformers.AutoConfig.from_pretrained(src, **kw).model_type
     except Exception as exc:  # transformers raises OSError / ValueError / EnvironmentError variants
         raise _cannot_load(name, _first_line(exc)) from exc
     if model_type != "clip":
         raise KPLInputError(f"{name!r} is a {model_type!r} checkpoint, not a CLIP one (model_type 'clip'); kplib "
                             f"loads CLIPModel checkpoints only {fix(cli='--model standin', python='model=...')}")
     try:
-        model, info = CLIPModel.from_pretrained(src, local_files_only=local_only, output_loading_info=True,
-                                                attn_implementation="sdpa")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src, local_files_only=local_only)
-        processor = transformers.AutoImageProcessor.from_pretrained(src, local_files_only=local_only, backend="pil")
+        model, info = CLIPModel.from_pretrained(src, output_loading_info=True, attn_implementation="sdpa", **kw)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kw)
+        processor = transformers.AutoImageProcessor.from_pretrained(src, backend="pil", **kw)
     except Exception as exc:
         raise _cannot_load(name, _first_line(exc)) from exc
     bad = sorted(set(info.get("missing_keys") or ()) | {str(k) for k in info.get("mismatched_keys") or ()})
@@ -359,13 +349,14 @@ def _offline() -> bool:
     return hub_constants.HF_HUB_OFFLINE or any(f in hub_constants.ENV_VARS_TRUE_VALUES for f in flags)
 
 
-def _ask_hub(repo_id: str) -> None:
-    """One request for ``repo_id``'s config.json, without retries; KPLInputError when the hub does not answer."""
+def _ask_hub(repo_id: str) -> str | None:
+    """The commit the hub serves for ``repo_id``: one request for its config.json, without retries; KPLInputError
+    when the hub does not answer."""
     if _offline():
         raise _cannot_load(repo_id, "it is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE)")
     try:
-        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, "config.json"),
-                                             timeout=_HUB_TIMEOUT_S)
+        return huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, "config.json"),
+                                                    timeout=_HUB_TIMEOUT_S).commit_hash
     except Exception as exc:
         raise _cannot_load(repo_id, f"it is not in the local Hugging Face cache and the hub did not answer "
                                     f"({_first_line(exc)})") from exc

@@ -120,13 +120,10 @@ class EmbeddingStore:
         found = np.zeros(len(q), bool)
         if len(q) and shards:
             qp, q64, todo = _prefix(q), q.view(np.uint64), np.arange(len(q))
-            for shard in shards:  # newest first; the queries split over threads, each sorted, found and copied
-                if len(todo) <= 4 * _CHUNK * _THREADS:
-                    hits = [_lookup(shard, qp, q64, todo, out)]
-                else:
-                    with ThreadPoolExecutor(_THREADS) as pool:
-                        hits = list(pool.map(lambda part, shard=shard: _lookup(shard, qp, q64, part, out),
-                                             np.array_split(todo, _THREADS)))
+            for shard in shards:  # newest first; large queries split over threads, each sorted, found and copied
+                parts = np.array_split(todo, min(_THREADS, 1 + len(todo) // (4 * _CHUNK)))
+                with ThreadPoolExecutor(len(parts)) as pool:
+                    hits = list(pool.map(lambda part, shard=shard: _lookup(shard, qp, q64, part, out), parts))
                 if any(h is None for h in hits):
                     self._drop(shard.name, "rows that are not finite unit vectors")
                     continue
