@@ -231,16 +231,16 @@ def import_descriptors(path: str | os.PathLike, class_map: Mapping[str, str] | N
 
 
 # ------------------------------------------------------------------------------------------------ published sets
-def published_descriptor_files(root: str | os.PathLike | None = None) -> list[Path]:
+def published_descriptor_files() -> list[Path]:
     """Every ``*.json`` under the descriptors root (``$KPL_DESCRIPTORS_ROOT``), sorted."""
-    return sorted(p for p in Path(root or paths.descriptors_root()).rglob("*.json") if p.is_file())
+    return sorted(p for p in paths.descriptors_root().rglob("*.json") if p.is_file())
 
 
-def import_all_published(root: str | os.PathLike | None = None) -> list[tuple[str, KnowledgeBase | str]]:
+def import_all_published() -> list[tuple[str, KnowledgeBase | str]]:
     """Every published descriptor file imported as it is, with strict defaults (a file with empty classes is refused):
     ``[(file[#set], KB or the reason it was refused)]``."""
-    root, out = Path(root or paths.descriptors_root()), []
-    for p in published_descriptor_files(root):
+    root, out = paths.descriptors_root(), []
+    for p in published_descriptor_files():
         rel = p.relative_to(root).as_posix()
         try:
             fmt, payload, _, _ = _recognise(_read_json(p, "descriptor"))
@@ -256,16 +256,15 @@ def import_all_published(root: str | os.PathLike | None = None) -> list[tuple[st
     return out
 
 
-def import_for_dataset(dataset: str, class_names: Sequence[str] | None = None,
-                       root: str | os.PathLike | None = None) -> list[KnowledgeBase]:
+def import_for_dataset(dataset: str, class_names: Sequence[str] | None = None) -> list[KnowledgeBase]:
     """The published descriptor sets paired with ``dataset`` (:data:`PUBLISHED_MATCHES`), imported for it."""
     if dataset not in PUBLISHED_MATCHES:
         raise KnowledgeBaseError(f"no published descriptor set is paired with dataset {dataset!r} (paired: "
                                  f"{sorted(PUBLISHED_MATCHES)}); import a file with a class map yourself "
                                  + fix(cli="kpl kb import FILE --class-map ...",
                                        python="import_descriptors(FILE, class_map=...)"))
-    root = Path(root or paths.descriptors_root())
-    return [import_descriptors(root / f, class_map=cmap, dataset=dataset, class_names=class_names, subset=s)
+    return [import_descriptors(paths.descriptors_root() / f, class_map=cmap, dataset=dataset, class_names=class_names,
+                               subset=s)
             for f, s, cmap in PUBLISHED_MATCHES[dataset]]
 
 

@@ -1,11 +1,10 @@
 """Knowledge bases (KBs): the per-class visual descriptions of KPL's stage 0 — schema, files, validation.
 
-Stage 1 scores each description :math:`d` of class :math:`c` in the prompt ``KPL_TEMPLATE.format(class_name=<display
-name>, description=d)`` and averages the embeddings of the top K into the text proxy
-:math:`w_c \\propto \\sum_{d \\in \\mathrm{top}K(c)} t_d`. A KB (schema v1) lists, for every image-folder class, short
-visual descriptions and where they came from. Files are read strictly (errors name the file, the class and the fix);
-:func:`select` aligns a KB with a dataset by exact folder names and :func:`validate` checks it.
-:mod:`kplib.io.descriptors` imports descriptor files; :mod:`kplib.io.llm` generates KBs with an LLM.
+Stage 1 puts each description :math:`d` of class :math:`c` in the prompt ``KPL_TEMPLATE`` and averages the embeddings
+of the top K into the text proxy :math:`w_c \\propto \\sum_{d \\in \\mathrm{top}K(c)} t_d`. A KB (schema v1) lists, for
+every image-folder class, short visual descriptions and where they came from. Files are read strictly (errors name
+the file, the class and the fix); :func:`select` aligns a KB with a dataset by exact folder names, :func:`validate`
+checks it. :mod:`kplib.io.descriptors` imports descriptor files; :mod:`kplib.io.llm` generates KBs with an LLM.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import dataclasses
 import datetime as _dt
 import difflib
 import functools
-import importlib.resources
 import json
 import logging
 import os
@@ -39,6 +37,7 @@ METHODS = ("curated", "imported", "generated", "merged")
 CURATED_MIN_COUNT = 40  # the paper's LLM prompt asked for at least 50 descriptions per class
 CONTEXT_LENGTH = 77  # CLIP's text context, BOS and EOS included
 NEAR_DUPLICATE_RATIO = 0.92
+_HERE = Path(__file__).parent  # the curated KBs (kbs/) and generic descriptions ship with the package
 
 
 def _iso_date(value: Any) -> bool:
@@ -178,13 +177,12 @@ def _class(i: int, c: Any, where: str | None) -> KBClass:
                                f"trailing spaces; got {name!r}.", name)
     _check_fields(c, _CLASS_FIELDS, where, name)
     for j, d in enumerate(c["descriptions"]):
-        if not isinstance(d, dict) or "text" not in d or set(d) - {"text", "source"}:
-            raise _kb_error(where, f"descriptions[{j}] must be an object with 'text' (and 'source'), got {d!r:.80}.",
-                            name)
+        shape_ok = isinstance(d, dict) and "text" in d and not set(d) - {"text", "source"}
+        if not shape_ok or not isinstance(d.get("source"), (str, type(None))):
+            raise _kb_error(where, f"descriptions[{j}] must be an object with 'text' (and a string or null 'source'), "
+                                   f"got {d!r:.80}.", name)
         if not isinstance(d["text"], str) or not d["text"].strip():
             raise _kb_error(where, f"descriptions[{j}] is empty; remove it or write the description.", name)
-        if not isinstance(d.get("source"), (str, type(None))):
-            raise _kb_error(where, f"descriptions[{j}].source must be a string or null.", name)
     return KBClass(name, c["display_name"], [Description(d["text"], d.get("source")) for d in c["descriptions"]],
                    list(c["references"]))
 
@@ -222,16 +220,14 @@ def _read_json(path: str | os.PathLike, what: str = "knowledge base") -> Any:
 
 def list_curated() -> list[str]:
     """Names (= dataset names) of the curated KBs shipped in ``kplib/io/kbs``."""
-    return sorted(p.name[:-5] for p in (importlib.resources.files(__package__) / "kbs").iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(p.stem for p in (_HERE / "kbs").glob("*.json"))
 
 
 def load_kb(path_or_name: str | os.PathLike) -> KnowledgeBase:
     """Load a schema-v1 KB file, or a curated KB by name (``kplib/io/kbs/<name>.json``)."""
     name = os.fspath(path_or_name)
     if name in list_curated():
-        with importlib.resources.as_file(importlib.resources.files(__package__) / "kbs" / f"{name}.json") as p:
-            return from_dict(_read_json(p), origin=f"kplib/io/kbs/{name}.json")
+        return from_dict(_read_json(_HERE / "kbs" / f"{name}.json"), origin=f"kplib/io/kbs/{name}.json")
     if not name or not Path(name).suffix and not Path(name).exists():
         raise KnowledgeBaseError(f"no curated knowledge base named {name!r}; available: {list_curated()}. Pass a "
                                  "file path to load any other KB.")
@@ -439,13 +435,12 @@ class _Checks:
     min_count: int
     near_ratio: float
     context_length: int
-    lengths: dict[int, list[int]]  # id(class) -> prompt token lengths (empty: not counted)
     owner: dict[str, str]  # lower-cased text -> the first class that has it
     mentions: dict[str, list[tuple[tuple[str, ...], str, str]]]  # first word -> (words, class, the name as written)
 
-    def __call__(self, c: KBClass) -> list[Finding]:
-        """The findings about class ``c`` in report order: the class's, then each description's."""
-        out, texts, n = [], c.texts, self.lengths[id(c)]
+    def __call__(self, c: KBClass, n: list[int]) -> list[Finding]:
+        """The findings about class ``c`` (``n``: its prompts' token counts, or empty) in report order."""
+        out, texts = [], c.texts
         add = lambda severity, check, msg, j=None: out.append(Finding(severity, check, c.name, j, msg))
         if next(x for x in self.kb.classes if x.name == c.name) is not c:
             add("error", "duplicate_class", "class appears more than once in the KB.")
@@ -486,17 +481,17 @@ class _Checks:
 
 
 def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokenizer: Any = None,
-             template: str = KPL_TEMPLATE, context_length: int | None = None, min_count: int | None = None,
-             check_tokens: bool = True, near_duplicate_ratio: float = NEAR_DUPLICATE_RATIO) -> ValidationReport:
+             template: str = KPL_TEMPLATE, min_count: int | None = None, check_tokens: bool = True,
+             near_duplicate_ratio: float = NEAR_DUPLICATE_RATIO) -> ValidationReport:
     """Check a KB, against a dataset's ``class_names`` when given, and return every finding.
 
     Errors (``report.ok`` False): a dataset class missing from the KB (a near-match named), a class with fewer than
     ``min_count`` descriptions (default 40 for curated KBs, else 1), empty or duplicate descriptions, a prompt
-    ``template.format(class_name=display_name, description=text)`` longer than ``context_length`` tokens (default:
-    the tokenizer's limit, else 77: the text encoder would truncate it), and a description that names another class
-    — its words pull this class's proxy towards the other class. Warnings: KB classes without images in the dataset,
-    near-duplicates, the same text in two classes, a curated class without references, CuPL sentences inside the
-    "which has" template, and a skipped token check.
+    ``template.format(class_name=display_name, description=text)`` longer than the tokenizer's limit (else 77: the
+    text encoder would truncate it), and a description that names another class — its words pull this class's proxy
+    towards the other class. Warnings: KB classes without images in the dataset, near-duplicates, the same text in
+    two classes, a curated class without references, CuPL sentences inside the "which has" template, and a skipped
+    token check.
 
     ``tokenizer``: a Hugging Face tokenizer, a checkpoint (hub id or folder, local files only) whose tokenizer to use,
     or None for the CLIP tokenizer in ``$KPL_TOKENIZER_DIR``. When none loads, the token check is skipped with a
@@ -516,22 +511,18 @@ def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokeni
     counted = iter(map(len, tok(prompts, add_special_tokens=True, truncation=False)["input_ids"] if tok and prompts
                        else []))
     limit = getattr(tok, "model_max_length", CONTEXT_LENGTH)
-    owner: dict[str, str] = {}
-    for c in kb.classes:
-        for t in c.texts:
-            owner.setdefault(t.strip().lower(), c.name)
     display, mentions = {c.name: c.display_name for c in kb.classes}, {}
     for name in kb.class_names if dataset is None else dataset:
         for phrase in dict.fromkeys([name.replace("_", " ").strip(), display.get(name, name)]):
             if words := _words(phrase):
                 mentions.setdefault(words[0], []).append((words, name, phrase))
     checks = _Checks(kb, min_count if min_count is not None else CURATED_MIN_COUNT if kb.method == "curated" else 1,
-                     near_duplicate_ratio, context_length or (limit if limit < 100_000 else CONTEXT_LENGTH),
-                     {id(c): [next(counted) for _ in c.texts] if tok else [] for c in kb.classes}, owner, mentions)
+                     near_duplicate_ratio, limit if limit < 100_000 else CONTEXT_LENGTH,
+                     {t.strip().lower(): c.name for c in reversed(kb.classes) for t in c.texts}, mentions)
     stats = []
     for c in kb.classes:
-        findings += (mine := checks(c))
-        n = checks.lengths[id(c)]
+        n = [next(counted) for _ in c.texts] if tok else []
+        findings += (mine := checks(c, n))
         stats.append({"class": c.name, "display_name": c.display_name, "descriptions": len(c.texts),
                       "max_tokens": max(n, default=None), "mean_tokens": round(sum(n) / len(n), 1) if n else None,
                       "errors": sum(f.severity == "error" for f in mine),
@@ -545,7 +536,7 @@ def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokeni
 # ------------------------------------------------------------------------------------------------ generic knowledge
 @functools.lru_cache(maxsize=1)
 def _generic_table() -> dict[str, dict]:
-    return json.loads((importlib.resources.files(__package__) / "generic_descriptions.json").read_text("utf-8"))
+    return json.loads((_HERE / "generic_descriptions.json").read_text("utf-8"))
 
 
 def generic_descriptions(modality: str) -> list[str]:

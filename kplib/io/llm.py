@@ -221,29 +221,27 @@ def generate_descriptions(class_name: str, cfg: LLMConfig, prompt: str = "releas
 
 def generate_kb(class_names: Sequence[str], dataset: str | None = None, modality: str | None = None,
                 prompt: str = "released", display_names: Sequence[str] | None = None,
-                config: LLMConfig | None = None, base_url: str | None = None, model: str | None = None,
-                api_key: str | None = None, temperature: float | None = None, kb_id: str | None = None,
-                sleep: Callable[[float], None] = time.sleep, **options) -> KnowledgeBase:
+                config: LLMConfig | None = None, temperature: float | None = None,
+                kb_id: str | None = None) -> KnowledgeBase:
     """A KB (method ``generated``) with one LLM request per class; ``display_names`` go into the prompt.
 
-    The KB records ``generator = {model, base_url_host, prompt, prompt_name, modality, temperature, date}`` (the
-    host, never the key). :func:`kplib.io.knowledge.validate` checks the result.
+    ``config`` defaults to :meth:`LLMConfig.from_env`; ``temperature`` overrides its own. The KB records
+    ``generator = {model, base_url_host, prompt, prompt_name, modality, temperature, date}`` (the host, never the
+    key). :func:`kplib.io.knowledge.validate` checks the result.
     """
     class_names = list(class_names)
     shown = list(display_names) if display_names is not None else [c.replace("_", " ") for c in class_names]
     if not class_names or len(set(class_names)) < len(class_names) or len(shown) != len(class_names):
         raise KPLInputError(f"generate_kb: class_names must be distinct and non-empty, with one display name each; "
                             f"got {class_names} and display_names {display_names}.")
-    if config is None:
-        config = LLMConfig.from_env(base_url=base_url, model=model, api_key=api_key, **options,
-                                    **({} if temperature is None else {"temperature": temperature}))
-    elif temperature is not None:
+    config = config or LLMConfig.from_env()
+    if temperature is not None:
         config = dataclasses.replace(config, temperature=temperature)
     build_prompt(shown[0], prompt, modality)  # fail before any request on a bad prompt or a missing modality
     today = _dt.date.today().isoformat()
     classes = []
     for name, display in zip(class_names, shown):
-        items = generate_descriptions(display, config, prompt, modality, sleep=sleep)
+        items = generate_descriptions(display, config, prompt, modality)
         log.info("class %r: %d descriptions from %s", name, len(items), config.host)
         classes.append(KBClass(name, display, [Description(t) for t in items]))
     generator = {"model": config.model, "base_url_host": config.host, "prompt": PROMPTS.get(prompt, prompt),
