@@ -7,9 +7,8 @@
     result = run_method(method, images.embeddings, text, config)
 
 :func:`run` does these three steps and the evaluation; :func:`compare` runs several methods on the same embeddings
-and tests their differences on the same images. Every image file is read once and decoded at most once: its bytes are
-hashed into a content key, and only keys the embedding store does not know are decoded and encoded. Nothing is ever
-written into the data folder.
+and tests their differences on the same images. Every image file is read once and decoded at most once (only on a
+miss of the embedding store). Nothing is ever written into the data folder.
 """
 from __future__ import annotations
 
@@ -91,39 +90,6 @@ class EmbeddingSet:
             raise KPLInputError(f"{path} is not an embedding file written by EmbeddingSet.save ({exc})") from None
 
 
-def _embed_chunk(paths, out: Tensor, done: Tensor, store, encoder, stopped: bool, strict: bool, max_pixels):
-    """Fill ``out``/``done`` (this chunk's rows) from the store, else by decoding and encoding the misses. Nothing is
-    encoded once a file failed in strict mode (``stopped``: an earlier chunk). Returns the files that failed, the
-    content keys and how many images were encoded."""
-    datas, bad = [], []
-    for p in paths:
-        try:
-            datas.append(read_bytes(p))
-        except ImageDecodeError as exc:
-            datas.append(None)
-            bad.append((p, exc.reason))
-    keys = [content_key(d) if d is not None else None for d in datas]
-    known = [i for i, k in enumerate(keys) if k is not None]
-    if store is not None and known:
-        found, got = store.get([keys[i] for i in known])
-        hits = [i for j, i in enumerate(known) if found[j]]
-        out[hits], done[hits] = got[found], True
-    images, todo = [], []
-    for i in (i for i in known if not done[i]):
-        try:
-            images.append(decode_image(datas[i], paths[i], max_pixels=max_pixels))
-            todo.append(i)
-        except ImageDecodeError as exc:
-            bad.append((paths[i], exc.reason))
-    if not todo or stopped or (strict and bad):
-        return bad, keys, 0
-    out[todo] = new = encoder.encode_images(images)  # straight into the preallocated rows: no per-chunk tensors kept
-    done[todo] = True
-    if store is not None:
-        store.put([keys[i] for i in todo], new)
-    return bad, keys, len(todo)
-
-
 def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: str = "stop", progress: bool = False,
                  max_pixels: int | None = None) -> EmbeddingSet:
     """Encode every image of ``dataset`` (a registered name, a folder or an :class:`ImageFolder`).
@@ -131,7 +97,7 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     Files go through in chunks: read once, keyed by the sha256 of their bytes, looked up in the embedding store
     (namespace: the encoder's :meth:`~kplib.io.encoders.Encoder.namespace` and the decoder version), and only misses
     are decoded and encoded; new rows are stored. ``on_error="stop"`` raises one error listing every unreadable file
-    (after checking them all; rows encoded before the first failure are kept in the store); ``"skip"`` leaves them
+    (after checking them all; chunks encoded before the first failure are kept in the store); ``"skip"`` leaves them
     out, in ``folder.skipped``. Byte-identical files filed under different classes are reported (a labelling leak).
     ``max_pixels`` is the decompression-bomb limit of decoding; files found in the store are not decoded again.
     """
@@ -139,16 +105,34 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     encoder = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
     folder = dataset if isinstance(dataset, ImageFolder) else load_dataset(dataset)
     store = EmbeddingStore({**encoder.namespace("image"), "decode": DECODE_VERSION}) if cache else None
-    out = torch.zeros(len(folder), encoder.embed_dim)
-    done = torch.zeros(len(folder), dtype=torch.bool)
-    bad, keys, encoded = [], [], 0
+    out = torch.zeros(len(folder), encoder.embed_dim)  # rows are written in place: no per-chunk tensors kept
+    keys, bad, encoded = [None] * len(folder), [], 0
     with tqdm(total=len(folder), desc=f"embedding {folder.name}", unit="img", disable=not progress) as bar:
         for start in range(0, len(folder), _CHUNK):
-            paths, rows = folder.paths[start:start + _CHUNK], slice(start, start + _CHUNK)
-            failed, chunk_keys, n = _embed_chunk(paths, out[rows], done[rows], store, encoder, strict and bool(bad),
-                                                 strict, max_pixels)
-            bad, keys, encoded = bad + failed, keys + chunk_keys, encoded + n
-            bar.update(len(paths))
+            datas = {}
+            for i, path in enumerate(folder.paths[start:start + _CHUNK], start):
+                try:
+                    datas[i] = read_bytes(path)
+                    keys[i] = content_key(datas[i])
+                except ImageDecodeError as exc:
+                    bad.append((path, exc.reason))
+            todo = list(datas)
+            if store is not None and todo:
+                found, rows = store.get([keys[i] for i in todo])
+                out[[i for i, f in zip(todo, found.tolist()) if f]] = rows[found]
+                todo = [i for i, f in zip(todo, found.tolist()) if not f]
+            images = {}
+            for i in todo:
+                try:
+                    images[i] = decode_image(datas[i], folder.paths[i], max_pixels=max_pixels)
+                except ImageDecodeError as exc:
+                    bad.append((folder.paths[i], exc.reason))
+            if images and not (strict and bad):  # strict mode encodes nothing once a file failed
+                out[list(images)] = new = encoder.encode_images(list(images.values()))
+                if store is not None:
+                    store.put([keys[i] for i in images], new)
+                encoded += len(images)
+            bar.update(min(_CHUNK, len(folder) - start))
     if bad and strict:
         raise unreadable_error(bad, len(folder))
     leaks = find_leaks(folder, keys)
@@ -174,7 +158,6 @@ def _encode_texts(encoder: Encoder, texts: list[str], cache: bool) -> Tensor:
     if missing:
         new = encoder.encode_texts([texts[i] for i in missing])
         store.put([keys[i] for i in missing], new)
-        rows = rows if rows.shape[1] == new.shape[1] else torch.zeros(len(texts), new.shape[1])
         rows[missing] = new
     return rows
 
