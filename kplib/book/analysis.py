@@ -267,9 +267,7 @@ def retrieval_agreement(image_embeddings: Any, text: Any, k: int = 8) -> pd.Data
     for name, d, sel in zip(text.class_names, descs, build_text_proxies(x, descs, k=k).selected):
         k_c = min(k, len(d))
         own = torch.topk(x @ d.T, k_c, dim=1).indices
-        shared = torch.zeros(len(d), dtype=torch.bool)
-        shared[sel] = True
-        inter = shared[own].sum(1).double()
+        inter = torch.isin(own, sel).sum(1).double()
         rows.append({"class": name, "k": k_c, "mean_jaccard": float((inter / (2 * k_c - inter)).mean()),
                      "share_identical": float((inter == k_c).double().mean()),
                      "distinct_sets": len({tuple(sorted(r)) for r in own.tolist()})})
@@ -354,8 +352,7 @@ def proxy_image_cosines(result: Any, image_embeddings: Any) -> tuple[np.ndarray,
     proxy learning move the proxies towards the images?"""
     snaps = getattr(result.proxy_learning, "trajectory", None)
     if not snaps:
-        raise KPLInputError("the result has no proxy snapshots: run it with record_every set (KPLConfig(record_every="
-                            "...))")
+        raise KPLInputError("the result has no proxy snapshots: run it with KPLConfig(record_every=...) set")
     mean_image = unit(torch.as_tensor(image_embeddings).double().mean(0))
     cos = (unit(torch.stack(list(snaps)).double()) @ mean_image).numpy()
     steps = np.minimum(np.arange(len(cos)) * result.config.record_every, result.proxy_learning.iterations)
@@ -399,7 +396,7 @@ def scaling_exponents(df: pd.DataFrame) -> pd.DataFrame:
         if sub.n.nunique() < 2:
             raise KPLInputError(f"variant {variant!r} has fewer than two distinct n values with positive seconds; "
                                 "cannot fit a scaling exponent")
-        b = np.polyfit(np.log(sub.n.to_numpy(float)), np.log(sub.seconds.to_numpy(float)), 1)[0]
-        rows.append({"variant": variant, "exponent": float(b), "seconds_at_min_n": float(sub.seconds.iloc[0]),
-                     "seconds_at_max_n": float(sub.seconds.iloc[-1]), "n_min": int(sub.n.min()), "n_max": int(sub.n.max())})
+        n, s = sub.n.to_numpy(float), sub.seconds.to_numpy(float)
+        rows.append({"variant": variant, "exponent": float(np.polyfit(np.log(n), np.log(s), 1)[0]),
+                     "seconds_at_min_n": s[0], "seconds_at_max_n": s[-1], "n_min": int(n[0]), "n_max": int(n[-1])})
     return pd.DataFrame(rows)

@@ -149,8 +149,8 @@ def gap_bar(summaries: Mapping[str, Mapping[str, float]], *, encoder: Any) -> Fi
     if not summaries or any(k not in s for s in summaries.values() for k in keys):
         raise KPLInputError(f"summaries must map each setting to analysis.gap_summary(...) (keys {keys})")
     fig, ax = _axes(max(6.0, 1.6 * len(summaries) + 3), 4.2)
-    pd.DataFrame(summaries).T[list(keys)].rename(columns=lambda k: k.replace("_", " ")).plot.bar(ax=ax, rot=0,
-                                                                                                 colormap="Set2")
+    table = pd.DataFrame(summaries).T[list(keys)].rename(columns=lambda k: k.replace("_", " "))
+    table.plot.bar(ax=ax, rot=0, colormap="Set2")
     ax.set(xlabel="", ylabel="value (norm or mean cosine)")
     _legend(ax)
     return finish(fig, "Modality gap: gap-vector norm and mean cosines", encoder)
@@ -251,8 +251,8 @@ def trajectory(projection: Projection, result: Any, image_emb: Any, labels: Any,
                             "method with record_every set (KPLConfig(record_every=...))")
     c = len(result.class_names)
     path = projection.transform(torch.cat(list(snaps))).reshape(len(snaps), c, 2)
-    coords = {"images": projection.transform(image_emb)}
-    coords.update({"text proxy (start)": projection.transform(result.text.proxies), "learned proxy (end)": path[-1]})
+    coords = {"images": projection.transform(image_emb), "text proxy (start)": projection.transform(result.text.proxies),
+              "learned proxy (end)": path[-1]}
     fig, ax = _axes(8.5, 6.0)
     draw_map(ax, coords, _classes(labels, len(coords["images"]), c), result.class_names, alpha=0.25)
     for k, colour in enumerate(_palette(c)):
@@ -447,7 +447,7 @@ def metrics_bar(table: Any, metric: str = "accuracy", *, encoder: Any, title: st
                 chance: Mapping[str, float] | None = None) -> Figure:
     """One metric per method, grouped by ``dataset`` when present, with the bootstrap intervals of ``<metric>_ci``
     (``(lo, hi)``, as ``metrics.evaluate`` returns); ``chance`` maps a dataset to 1/C."""
-    df = table.reset_index(drop=True) if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
+    df = pd.DataFrame(table).reset_index(drop=True)
     _need(df, "method", metric)
     df, cis = df if "dataset" in df else df.assign(dataset=""), df.get(f"{metric}_ci", pd.Series([None] * len(df)))
     if not all(v is None or (isinstance(v, (tuple, list, np.ndarray)) and len(v) == 2) for v in cis):

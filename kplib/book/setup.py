@@ -1,9 +1,6 @@
-"""One-line chapter setup: ``chapter = kplib.book.setup(MODEL, OUTPUT_DIR, dataset=DATASET)``.
-
-Quiet logging and warnings, inline figures, one version line, the encoder (a CLIP checkpoint, the untrained stand-in,
-or ``"simulated"``: no encoder) announced once by a banner, and a :class:`Chapter` that saves figures, captions tables
-with the encoder and collapses real-image sections when only the stand-in ran.
-"""
+"""One-line chapter setup, ``chapter = kplib.book.setup(MODEL, OUTPUT_DIR, dataset=DATASET)``: quiet logs, inline
+figures, a version line, the encoder announced once by a banner, and a :class:`Chapter` that saves figures, captions
+tables with the encoder and collapses real-image sections when only the stand-in ran."""
 from __future__ import annotations
 
 import base64
@@ -100,9 +97,8 @@ class Chapter:
 
     def table(self, df: pd.DataFrame, caption: str | None = None, precision: int = 3):
         """``df`` with a caption naming the encoder once, instead of a column repeating it on every row."""
-        cells = [{"selector": sel, "props": [("padding", "0.15em 0.6em")]} for sel in ("th", "td")]
         return (df.style.set_caption(caption or f"Encoder: {self.label}").format(precision=precision)
-                .set_table_styles(cells, overwrite=False))
+                .set_table_styles([{"selector": "th, td", "props": "padding: 0.15em 0.6em"}], overwrite=False))
 
     @contextmanager
     def real_images(self, title: str = "Run on your images", note: str = REAL_IMAGES_NOTE):
@@ -145,7 +141,7 @@ def setup(model: str = "auto", output_dir: str | Path | None = None, dataset: st
         finally:
             log.disabled = False
     folder = None if output_dir is None else Path(output_dir)
-    if folder:
+    if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     chapter = Chapter(SIMULATED_ENCODER if encoder is None else encoder.identity.label, encoder, folder, dataset)
     display(banner(chapter.label, dataset, " ".join(str(w.message) for w in caught

@@ -13,22 +13,22 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix
 
 from ..errors import KPLInputError
 from ..method.methods import METHODS, run_method
-from ..method.metrics import evaluate
-from ..method.simulate import PRESETS, SIMULATED_ENCODER, make_world
-from ..params import Interval, Options, check, unit
+from ..method.simulate import PRESETS, make_world
+from ..params import POSITIVE, Interval, Options, check, unit
+from . import analysis
 from .figures import _legend, draw_confusion, draw_map, draw_shares, finish, project
 
-_POSITIVE = Interval(float, 0, None, closed="neither")
 #: The knobs: name → (label, constraint).
 KNOBS: dict[str, tuple[str, Any]] = {
     "gap": ("modality gap ‖mean(img) − mean(txt)‖", Interval(float, 0, 2, closed="neither")),
     "imbalance": ("class imbalance (max/min class share)", Interval(float, 1)),
     "k": ("K (descriptions kept per class)", Interval(int, 1)),
-    "tau_t": ("tau_t (pseudo-label temperature)", _POSITIVE),
-    "tau_i": ("tau_i (proxy-learning temperature)", _POSITIVE),
+    "tau_t": ("tau_t (pseudo-label temperature)", POSITIVE),
+    "tau_i": ("tau_i (proxy-learning temperature)", POSITIVE),
     "method": ("method", Options(*METHODS)),
 }
 #: Starting values: the released defaults, a balanced world with the simulator's default gap.
@@ -38,11 +38,10 @@ DEFAULTS: dict[str, Any] = {"gap": 0.82, "imbalance": 1.0, "k": 8, "tau_t": 0.01
 KNOB_GRIDS: dict[str, tuple] = {"gap": (0.6, 0.82, 1.0, 1.2), "imbalance": (1.0, 3.0, 10.0, 30.0), "k": (1, 4, 8, 32),
                                 "tau_t": (0.003, 0.01, 0.03, 0.1), "tau_i": (0.01, 0.04, 0.1, 0.3)}
 BASE_PRESET = "balanced_collapse"  # names point at one class: zero-shot and the text proxy collapse
-_SIZE = {"n_images": 400, "dim": 128}
 
 
 def _check(values: dict[str, Any]) -> dict[str, Any]:
-    """All knob values (``DEFAULTS`` for those not given), checked; float knobs as floats (one memo key per value)."""
+    """All knob values (``DEFAULTS`` for those not given), checked; float knobs as floats."""
     unknown = [k for k in values if k not in KNOBS]
     if unknown:
         raise KPLInputError(f"unknown playground knob(s) {unknown}; the knobs are {list(KNOBS)}")
@@ -59,17 +58,16 @@ def _world(gap: float | None, imbalance: float, n_images: int, dim: int, seed: i
 
 @dataclass
 class PlaygroundRun:
-    """One simulated world, one method run on it, its scores and confusion (memoised: read, do not modify)."""
+    """One simulated world, one method run on it and its scores (memoised: read, do not modify)."""
 
     params: dict  # the knob values + n_images, dim, seed, base
     world: Any  # kplib.method.simulate.SimulatedWorld
     result: Any  # kplib.method.methods.MethodResult
     scores: dict  # accuracy, balanced_accuracy, macro_f1, text_proxy_accuracy
-    confusion: Any
 
     @property
     def encoder_label(self) -> str:
-        return str(self.world.text.meta.get("encoder", SIMULATED_ENCODER))
+        return self.world.text.meta["encoder"]
 
 
 @lru_cache(maxsize=64)
@@ -80,15 +78,13 @@ def _run(knobs: tuple, n_images: int, dim: int, seed: int, base: str) -> Playgro
     knobs = {k: x for k, x in {**v, "seed": seed}.items() if k in {f.name for f in fields(spec.config)}
              and (spec.uses is None or k in spec.uses)}
     result = run_method(v["method"], world.image_embeddings, world.text, **knobs)
-    ev = evaluate(world.labels, result.predictions, world.class_names, n_bootstrap=0)
-    scores = {m: ev[m] for m in ("accuracy", "balanced_accuracy", "macro_f1")}
+    scores = analysis.scores(world.labels, result.predictions, world.class_names)
     if result.text is not None:
         scores["text_proxy_accuracy"] = float((result.text.predictions == world.labels).float().mean())
-    return PlaygroundRun({**v, "n_images": n_images, "dim": dim, "seed": seed, "base": base}, world, result, scores,
-                         ev["confusion"])
+    return PlaygroundRun({**v, "n_images": n_images, "dim": dim, "seed": seed, "base": base}, world, result, scores)
 
 
-def simulate_and_run(n_images: int = _SIZE["n_images"], dim: int = _SIZE["dim"], seed: int = 0,
+def simulate_and_run(n_images: int = 400, dim: int = 128, seed: int = 0,
                      base: str = BASE_PRESET, **values: Any) -> PlaygroundRun:
     """Simulate the world for the knob ``values`` (others: :data:`DEFAULTS`) and run the method on it (memoised)."""
     return _run(tuple(_check(values).items()), int(n_images), int(dim), int(seed), base)
@@ -113,7 +109,7 @@ def playground_figure(run: PlaygroundRun) -> Figure:
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     ax_map, ax_cm, ax_sh = fig.subplots(1, 3, width_ratios=[1.3, 1, 1])
     _map(ax_map, run)
-    draw_confusion(ax_cm, run.confusion, names)
+    draw_confusion(ax_cm, confusion_matrix(run.world.labels, run.result.predictions, labels=list(range(c))), names)
     shares = {"true share": run.world.priors.numpy(),
               "predicted share": np.bincount(run.result.predictions.numpy(), minlength=c) / len(run.world.labels)}
     if run.result.class_marginal is not None:
@@ -130,15 +126,15 @@ def playground_figure(run: PlaygroundRun) -> Figure:
 
 
 def knob_panel(knob: str, values: Sequence | None = None, methods: Sequence[str] | None = None,
-               show_method: str | None = None, n_images: int = _SIZE["n_images"], dim: int = _SIZE["dim"],
-               seed: int = 0, base: str = BASE_PRESET, **fixed: Any) -> tuple[Figure, pd.DataFrame]:
-    """The static stand-in for one knob: ``methods`` over a grid of ``knob`` values (others at :data:`DEFAULTS` or
-    ``fixed``) as maps (of ``show_method``) above the scores; ``knob="method"`` compares the methods ``values``.
+               show_method: str | None = None, n_images: int = 400, dim: int = 128, seed: int = 0,
+               base: str = BASE_PRESET) -> tuple[Figure, pd.DataFrame]:
+    """The static stand-in for one knob: ``methods`` over a grid of ``knob`` values (others at :data:`DEFAULTS`) as
+    maps (of ``show_method``) above the scores; ``knob="method"`` compares the methods ``values``.
     Returns the figure and a tidy table (knob, value, method, scores, encoder)."""
     check("knob", knob, Options(*KNOBS))
     methods = [check("methods[...]", m, Options(*METHODS)) for m in (METHODS if methods is None else methods)]
     values = list(values if values is not None else methods if knob == "method" else KNOB_GRIDS[knob])
-    show_method = show_method or fixed.pop("method", DEFAULTS["method"])
+    show_method = show_method or DEFAULTS["method"]
     if knob != "method" and show_method not in methods:
         raise KPLInputError(f"show_method {show_method!r} must be one of the methods run: {methods}")
     if not values or not methods:
@@ -146,7 +142,7 @@ def knob_panel(knob: str, values: Sequence | None = None, methods: Sequence[str]
     rows, shown, size = [], [], {"n_images": n_images, "dim": dim, "seed": seed, "base": base}
     for value in values:
         for method in [value] if knob == "method" else methods:
-            run = simulate_and_run(**size, **{**fixed, knob: value, "method": method})
+            run = simulate_and_run(**size, **{knob: value, "method": method})
             rows.append({"knob": knob, "value": value, "method": method, **run.scores, "encoder": run.encoder_label})
             if method == (value if knob == "method" else show_method):
                 shown.append((value, run))
@@ -178,12 +174,10 @@ def knob_panel(knob: str, values: Sequence | None = None, methods: Sequence[str]
 
 
 class Playground:
-    """Controls for :data:`KNOBS` (``knobs``: those shown); every change (or ``update(**values)``) redraws
-    :func:`playground_figure` into ``output``. ``run``, ``figure``: the last ones; ``history``: every redraw's knobs."""
+    """Controls for :data:`KNOBS`; every change (or ``update(**values)``) redraws :func:`playground_figure` into
+    ``output``. ``run``, ``figure``: the last ones; ``history``: every redraw's knobs."""
 
-    def __init__(self, n_images: int = _SIZE["n_images"], dim: int = _SIZE["dim"], seed: int = 0,
-                 base: str = BASE_PRESET, knobs: Sequence[str] | None = None, **initial: Any):
-        shown = list(KNOBS) if knobs is None else [check("knobs[...]", k, Options(*KNOBS)) for k in knobs]
+    def __init__(self, n_images: int = 400, dim: int = 128, seed: int = 0, base: str = BASE_PRESET, **initial: Any):
         self.size = {"n_images": int(n_images), "dim": int(dim), "seed": int(seed), "base": base}
         start = _check(initial)
         # the smallest gap this world can have: its contents alone differ that much
@@ -203,9 +197,8 @@ class Playground:
         for name, control in self.controls.items():
             control.value = start[name]
             control.observe(lambda _: None if self._quiet else self.update(), names="value")
-        half = (len(shown) + 1) // 2
-        self.widget = w.VBox([w.HBox([w.VBox([self.controls[n] for n in shown[:half]]),
-                                      w.VBox([self.controls[n] for n in shown[half:]])]), self.output])
+        controls = list(self.controls.values())
+        self.widget = w.VBox([w.HBox([w.VBox(controls[:3]), w.VBox(controls[3:])]), self.output])
         self.update()
 
     def values(self) -> dict[str, Any]:
