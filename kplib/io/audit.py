@@ -8,9 +8,8 @@ outside ``<class>/<image>`` and names that are not valid UTF-8.
 
 Near-duplicates are pairs whose perceptual hashes (``imagehash.phash``: the signs of the 8×8 lowest DCT frequencies
 of a 32×32 grey thumbnail against their median, 64 bits) differ in at most ``near_threshold`` bits. The default, 2,
-is where re-encoding (JPEG quality 75-95) or resizing moves the same picture on the shared data sets, while distinct
-pictures are rarely that close (at 4 bits, 172 distinct fundus pairs match). pHash does not survive crops (a 2 % crop
-moves it 10-22 bits): near-duplicates are candidates to look at, not proof.
+catches re-encoded or resized copies while distinct pictures are rarely that close; pHash does not survive crops, so
+near-duplicates are candidates to look at, not proof.
 
 **Findings that matter** (exit code 1 of ``kpl audit``): unreadable files, exact duplicates across classes, aliased
 and empty class folders; each changes what a run computes or measures. :func:`find_leaks` gives the cross-class
@@ -38,7 +37,6 @@ from .dicom import DICOM_EXTENSIONS, is_dicom, read_header
 from .images import decode_image, read_bytes
 
 NEAR_THRESHOLD = 2
-HASH_BITS = 64
 
 
 @dataclass
@@ -125,7 +123,7 @@ class AuditReport:
             return [f"{title}: {len(items) or 'none'}", *(f"  {t}" for t in items[:max_items]), *more]
 
         def across(d: dict) -> str:
-            return "ACROSS CLASSES " if d["cross_class"] else ""
+            return "ACROSS CLASSES " * d["cross_class"]
 
         counts = ", ".join(f"{c} {n}" for c, n in self.class_counts.items())
         ratio = f"; imbalance max/min = {self.imbalance_ratio:.2f}" if self.imbalance_ratio else ""
@@ -202,7 +200,7 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
         As for :func:`~kplib.io.datasets.load_folder` and :func:`~kplib.io.images.decode_image`.
     """
     if near_threshold is not None:
-        if not (bits := Interval(int, 0, HASH_BITS - 1)).accepts(near_threshold):
+        if not (bits := Interval(int, 0, 63)).accepts(near_threshold):  # bits of the 64-bit pHash
             raise KPLInputError(f"near_threshold must be {bits.describe()} or None, got {near_threshold!r} "
                                 f"{fix(cli='--near-threshold 2', python='near_threshold=2')}")
         try:
@@ -213,6 +211,8 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
     ds = folder_or_dataset if isinstance(folder_or_dataset, ImageFolder) else load_dataset(
         folder_or_dataset, split=split, labelled=labelled, classes=classes, skip_empty=True, allow_aliases=True)
     labels = ds.labels.tolist() if ds.labelled else [None] * len(ds)
+    rel = [display_path(p, ds.root) for p in ds.paths]
+    cls = [None if y is None else ds.class_names[y] for y in labels]
     modes, sizes, unreadable, by_sha, hashes = Counter(), [], [], {}, {}
     for i, p in enumerate(tqdm(ds.paths, desc="auditing", unit="img", disable=not progress)):
         try:
@@ -220,20 +220,13 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
             rgb = decode_image(data, p, max_pixels=max_pixels)
             modes[_format_of(data, p)] += 1
         except ImageDecodeError as exc:
-            unreadable.append((display_path(p, ds.root), exc.reason))
+            unreadable.append((rel[i], exc.reason))
             continue
         sizes.append(rgb.size)
         by_sha.setdefault(hashlib.sha256(data).hexdigest(), []).append(i)
         if near_threshold is not None:
             hashes[i] = int(str(imagehash.phash(rgb, hash_size=8)), 16)
-
-    def rel(i: int) -> str:
-        return display_path(ds.paths[i], ds.root)
-
-    def cls(i: int) -> str | None:
-        return None if labels[i] is None else ds.class_names[labels[i]]
-
-    exact = [{"sha256": sha, "paths": [rel(i) for i in idx], "classes": [cls(i) for i in idx],
+    exact = [{"sha256": sha, "paths": [rel[i] for i in idx], "classes": [cls[i] for i in idx],
               "cross_class": len({labels[i] for i in idx}) > 1} for sha, idx in by_sha.items() if len(idx) > 1]
     same_bytes = {i: sha for sha, idx in by_sha.items() for i in idx}
     kept, near = list(hashes), []
@@ -243,7 +236,7 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
         for a, b in zip(*np.nonzero(block <= near_threshold)):
             i, j = kept[start + a], kept[b]
             if start + a < b and same_bytes[i] != same_bytes[j]:
-                near.append({"a": rel(i), "b": rel(j), "distance": int(block[a, b]), "classes": [cls(i), cls(j)],
+                near.append({"a": rel[i], "b": rel[j], "distance": int(block[a, b]), "classes": [cls[i], cls[j]],
                              "cross_class": labels[i] != labels[j]})
     counts = ds.counts()
     ratio = max(counts.values()) / min(counts.values()) if counts and min(counts.values()) > 0 else None

@@ -1,16 +1,13 @@
 """Image folders as datasets, and the registry of the project's datasets (``datasets.json``).
 
-**Labelled** (the paper's ``ImageFolder``): ``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``; class ``c``
-is ``class_names[c]``, the sorted folder names. Only files directly inside a class folder count; others are left out
-with a warning (``kpl audit`` lists them). **Unlabelled**: every image under ``ROOT`` at any depth, the classes from
-the caller. A folder is unlabelled only when asked (``labelled=False`` / ``--unlabelled``, or ``classes=[...]`` /
-``--classes a,b``), so a labelled folder never silently loses its labels.
+**Labelled** (the paper's ``ImageFolder``): ``ROOT/<class>/<image>`` or ``ROOT/<split>/<class>/<image>``, classes
+the sorted folder names; files not directly inside a class folder are left out with a warning. **Unlabelled** (only
+when asked: ``labelled=False`` or ``classes=[...]``, so labels are never lost silently): every image under ``ROOT``.
 
-Images are files with an :data:`~kplib.io.images.IMAGE_EXTENSIONS` extension (any case), or with the DICOM marker
-whatever their name; hidden (``.name``) files and folders are ignored. Listing never writes and never follows folder
-links into loops. Class folders that are one folder (symbolic-link aliases) are refused unless ``allow_aliases=True``,
-empty class folders unless ``skip_empty=True``. Names that are not UTF-8 are kept as Python keeps them (lone
-surrogates); :func:`display_path` gives their printable, reversible form.
+Images are files with an :data:`~kplib.io.images.IMAGE_EXTENSIONS` extension (any case) or the DICOM marker; hidden
+files and folders are ignored. Listing never writes and never loops on folder links. Aliased class folders (symbolic
+links to one folder) are refused unless ``allow_aliases=True``, empty ones unless ``skip_empty=True``. Names that are
+not UTF-8 keep Python's lone surrogates; :func:`display_path` prints them reversibly.
 """
 from __future__ import annotations
 
@@ -135,9 +132,9 @@ class ImageFolder:
 
     def subset(self, indices: Sequence[int] | Tensor) -> ImageFolder:
         """The same folder with only the given images (class list unchanged)."""
-        idx = torch.as_tensor(indices.tolist() if isinstance(indices, Tensor) else list(indices), dtype=torch.long)
-        labels = None if self.labels is None else self.labels[idx].clone()
-        return replace(self, paths=[self.paths[i] for i in idx.tolist()], labels=labels)
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        labels = None if self.labels is None else self.labels[idx]
+        return replace(self, paths=[self.paths[i] for i in idx], labels=labels)
 
     def without(self, bad: Sequence[tuple[Path, str]], skip_empty: bool = False) -> ImageFolder:
         """The folder without the ``bad`` (path, reason) files, which join ``skipped`` (each file once).
@@ -158,9 +155,10 @@ class ImageFolder:
         log.warning("dropped class(es) %s of %s: no readable images", empty, display_path(self.root))
         keep = [c for c, name in enumerate(self.class_names) if name not in empty]
         _check_classes([self.class_names[c] for c in keep], self.root)
-        return replace(out, class_names=[self.class_names[c] for c in keep], dropped_classes=[
-            *self.dropped_classes, *empty], display_names=[self.display_names[c] for c in keep],
-                       labels=torch.tensor([keep.index(y) for y in out.labels.tolist()], dtype=torch.long))
+        return replace(out, class_names=[self.class_names[c] for c in keep],
+                       display_names=[self.display_names[c] for c in keep],
+                       labels=torch.tensor([keep.index(y) for y in out.labels.tolist()], dtype=torch.long),
+                       dropped_classes=[*self.dropped_classes, *empty])
 
     def skipped_summary(self, max_files: int | None = 20) -> str:
         """Each skipped file once, with its full path and reason."""
@@ -360,7 +358,6 @@ class DatasetInfo:
     citation: str
     display_names_file: str | None = None   # JSON folder -> name inside the dataset folder
     published_descriptors: str | None = None  # file under kplib.paths.descriptors_root() that fits this task
-
 
 
 def registry() -> dict[str, DatasetInfo]:

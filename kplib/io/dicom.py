@@ -1,22 +1,19 @@
 """DICOM files as the 8-bit RGB images a CLIP model expects, through pydicom (an optional dependency).
 
 A DICOM file stores values; what a radiologist sees is a chain of look-up tables applied to them (PS3.4 N.2).
-:func:`dicom_to_image` follows it for one frame, with ``pydicom.pixels``:
+:func:`dicom_to_image` follows it for one frame (the middle one, ``NumberOfFrames // 2``, of a multi-frame file):
 
 1. **Modality LUT**: the Modality LUT Sequence, else rescale slope and intercept, :math:`v = m\\,s + b`.
-2. **VOI LUT**: the VOI LUT Sequence, else the (first) window centre/width; the table's output range
-   :math:`[y_{min}, y_{max}]` maps to ``[0, 255]``. Without either, the frame's full range
-   :math:`(v - \\min v) / (\\max v - \\min v)`, as viewers show it.
+2. **VOI LUT**: the VOI LUT Sequence, else the (first) window; the table's output range :math:`[y_{min}, y_{max}]`
+   maps to ``[0, 255]``. Without either, the frame's full range :math:`(v - \\min v) / (\\max v - \\min v)`.
 3. **MONOCHROME1** (``0`` = white) is inverted, so bone is bright as in MONOCHROME2.
 4. **Colour**: RGB and YBR are scaled by :math:`2^{\\text{BitsStored}} - 1`; PALETTE COLOR goes through its palette.
 
-**Multi-frame files** give their middle frame, ``NumberOfFrames // 2`` (a volume's central slice), alone decoded.
-Compressed transfer syntaxes read as far as pydicom's installed decoders allow; the error for one that no decoder
-reads names the packages that would (``pylibjpeg``, ``python-gdcm``, ``pyjpegls``).
+Compressed transfer syntaxes read as far as pydicom's installed decoders allow; the error names what to install.
 
 **Privacy**: headers carry patient names, IDs and dates. Only the technical attributes of :data:`PIXEL_TAGS` are
-parsed, pydicom's warnings and value checks are off while it reads, and messages name the file path and technical
-attributes only: no header value can reach a message, a log or a cache.
+parsed, with pydicom's warnings and value checks off, and messages name the path and technical attributes only: no
+header value can reach a message, a log or a cache.
 """
 from __future__ import annotations
 
@@ -103,16 +100,16 @@ def _decoders_hint(pydicom, ts) -> str:
 
 
 def _frame(ds, path: Path) -> np.ndarray:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    """The values of the middle frame, the only one decoded (``ds`` from :func:`read_header`)."""
+    frames, ts = int(ds.get("NumberOfFrames", 1) or 1), ds.file_meta.TransferSyntaxUID
     with _pydicom(path) as pydicom:
         try:
             return pydicom.pixels.pixel_array(ds, index=frames // 2 if frames > 1 else None)
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; mapped to a reason below
             text = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        hint = _decoders_hint(pydicom, ts) if ts is not None else ""
-    what = f"{ts.name} ({ts})" if ts is not None else "an unknown transfer syntax"
-    if "missing dependencies" in text[0] and ts is not None:
+        hint = _decoders_hint(pydicom, ts)
+    what = f"{ts.name} ({ts})"
+    if "missing dependencies" in text[0]:
         raise ImageDecodeError(path, f"DICOM pixel data is compressed as {what}, which no installed decoder reads; "
                                      f"{hint}")
     if "less than expected" in text[0]:
@@ -141,9 +138,8 @@ def _grey_unit(arr: np.ndarray, ds, path: Path) -> np.ndarray:
 def dicom_to_image(data: bytes, path, max_pixels: int | None = None) -> Image.Image:
     """Decode one frame of a DICOM file into an 8-bit RGB ``PIL.Image`` by the module's rules.
 
-    ``path`` is used in messages only. ``max_pixels``: refuse frames of more pixels before decoding (decompression-
-    bomb guard); default Pillow's ``PIL.Image.MAX_IMAGE_PIXELS``, as for :func:`kplib.io.images.decode_image`.
-    Raises :class:`kplib.errors.ImageDecodeError` with a reason naming technical attributes only.
+    ``path`` names the file in messages; ``max_pixels`` is the decompression-bomb limit per frame, as for
+    :func:`kplib.io.images.decode_image`. Failures raise :class:`~kplib.errors.ImageDecodeError`.
     """
     path = Path(path)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels

@@ -1,19 +1,15 @@
-"""Image files as 8-bit RGB pictures: Pillow for the usual formats, pydicom for DICOM (:mod:`kplib.io.dicom`).
+"""Image files as 8-bit RGB pictures: Pillow for the usual formats, pydicom for DICOM (the ``DICM`` marker or a
+``.dcm`` name; :mod:`kplib.io.dicom`). Decoding is part of preprocessing, so its rules are named by
+:data:`DECODE_VERSION`, which the embedding store puts in its namespace (a change of rule re-encodes):
 
-Decoding is part of preprocessing, so its rules are fixed and named by :data:`DECODE_VERSION`, which the embedding
-store puts in its namespace (a change of rule re-encodes):
+- EXIF orientation is applied; transparency is composited on black, like the surroundings of medical images.
+- 16/32-bit integer images are scaled by their bit range, :math:`v / (2^b - 1)` with :math:`b \\ge 8` the smallest bit
+  depth holding the maximum (a 12-bit X-ray in 16 bits fills the 8-bit range); images with negative values and float
+  images are min–max scaled, :math:`(v - \\min v) / (\\max v - \\min v)`.
+- Animated / multi-page files give their first frame, multi-frame DICOM its middle one.
+- Images of more than ``max_pixels`` pixels (decompression bombs) are refused before their pixels are decoded.
 
-- **EXIF orientation** is applied: a phone photo stored sideways is seen upright.
-- **Transparency** is composited on **black**, like the surroundings of medical images (cells, fundus, X-ray).
-- **16/32-bit integer** images are scaled by their bit range, :math:`v / (2^b - 1)` with :math:`b \\ge 8` the smallest
-  bit depth holding the maximum (a 12-bit X-ray in 16 bits fills the 8-bit range, nothing clipped); images with
-  negative values and **float** images are min–max scaled, :math:`(v - \\min v) / (\\max v - \\min v)`.
-- **Animated / multi-page** files use their first frame; multi-frame DICOM its middle frame.
-- **DICOM** (the ``DICM`` marker whatever the name, or a ``.dcm`` name) follows the DICOM display chain.
-- **Decompression bombs**: images of more than ``max_pixels`` pixels (default ``PIL.Image.MAX_IMAGE_PIXELS``) are
-  refused before their pixels are decoded.
-
-Every failure raises :class:`kplib.errors.ImageDecodeError` whose ``reason`` says what is wrong in words.
+Every failure raises :class:`kplib.errors.ImageDecodeError`, whose ``reason`` says what is wrong.
 """
 from __future__ import annotations
 
@@ -30,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, KPLInputError, fix
+from ..params import Interval
 from .dicom import DICOM_EXTENSIONS, dicom_to_image, is_dicom
 
 log = logging.getLogger("kplib")
@@ -90,11 +87,7 @@ def read_bytes(path) -> bytes:
         raise ImageDecodeError(path, reason) from None
 
 
-class _Degenerate(ValueError):
-    """A well-formed image that cannot become RGB (its reason is the message, not "corrupt data")."""
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
     """Any Pillow mode -> RGB by the module's rules (alpha on black, high bit depths scaled without clipping)."""
     if im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -103,7 +96,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV; a copy even of RGB
     arr = np.asarray(im).astype(np.float64)
     if not np.isfinite(arr).all():
-        raise _Degenerate("pixel values include NaN or infinity (a floating-point image): nothing to scale to 8 bits")
+        raise ImageDecodeError(path, "pixel values include NaN or infinity (a floating-point image): nothing to "
+                                     "scale to 8 bits")
     lo, hi = float(arr.min()), float(arr.max())
     if im.mode != "F" and lo >= 0:
         scaled = arr * (255.0 / (2 ** max(8, int(hi).bit_length()) - 1))
@@ -135,29 +129,18 @@ def _pillow_decode(data: bytes, path: Path, limit: int | None) -> Image.Image:
             except Exception as exc:  # noqa: BLE001 - corrupt EXIF must not cost the pixels; say so
                 log.warning("ignoring the unreadable EXIF orientation of %s (%s)", path, exc)
                 oriented = im
-            return _to_rgb(oriented)  # a new, loaded image: detached from the file
+            return _to_rgb(oriented, path)  # a new, loaded image: detached from the file
 
 
 def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Image:
-    """Decode an image file's bytes into an 8-bit RGB ``PIL.Image`` (fully loaded), by the module's rules.
+    """Decode a file's bytes (read once by the caller, who may hash them) into a loaded 8-bit RGB ``PIL.Image``.
 
-    Parameters
-    ----------
-    data : bytes
-        The file's bytes (read once by the caller, e.g. to hash them for the embedding store).
-    path : str or Path
-        The file, used in messages and to recognise a ``.dcm`` name.
-    max_pixels : int, optional
-        Decompression-bomb limit in pixels; default Pillow's ``PIL.Image.MAX_IMAGE_PIXELS``.
-
-    Raises
-    ------
-    kplib.errors.ImageDecodeError
-        For empty, truncated, corrupt, pixel-less, oversized or non-image files, with the reason.
+    ``path`` names the file in messages and recognises a ``.dcm`` name; ``max_pixels`` is the decompression-bomb
+    limit (default ``PIL.Image.MAX_IMAGE_PIXELS``). Empty, truncated, corrupt, pixel-less, oversized and non-image
+    files raise :class:`~kplib.errors.ImageDecodeError` with the reason.
     """
     path = Path(path)
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
-                                   or max_pixels < 1):
+    if not (max_pixels is None or Interval(int, 1).accepts(max_pixels)):
         raise KPLInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r} {_RAISE}")
     with _PIL_GUARD:
         limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
@@ -168,7 +151,7 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be detected")
     try:
-        rgb = _pillow_decode(data, path, limit)
+        return _pillow_decode(data, path, limit)  # Pillow refuses 0-pixel images when it opens them
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(path, f"image too large, refused by the decompression-bomb guard ({exc}); it was not "
                                      f"decoded. If the file is trusted, raise the limit {_RAISE}") from None
@@ -178,15 +161,10 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
         if "truncated" in str(exc).lower():
             raise ImageDecodeError(path, f"truncated image data (the file ends early: {exc})") from None
         raise ImageDecodeError(path, f"corrupt image data ({exc})") from None
-    except _Degenerate as exc:
-        raise ImageDecodeError(path, str(exc)) from None
     except (SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error) as exc:
         raise ImageDecodeError(path, f"corrupt image data ({type(exc).__name__}: {exc})") from None
     except MemoryError:
         raise ImageDecodeError(path, "not enough memory to decode the image") from None
-    if rgb.width < 1 or rgb.height < 1:
-        raise ImageDecodeError(path, f"image has no pixels ({rgb.width}×{rgb.height})")
-    return rgb
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
