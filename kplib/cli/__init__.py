@@ -15,9 +15,7 @@ one line on stderr and exit with code 2. Output files are deterministic (run met
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import logging
 import sys
@@ -182,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ commands
 def _folder(args):
     options = data_cli.dataset_options(args)
-    if options["labelled"] is False and options["classes"] is None and getattr(args, "kb", None):
+    if options["labelled"] is False and options["classes"] is None and args.kb:
         options["classes"] = load_kb(args.kb).class_names  # unlabelled images of the knowledge base's classes
     return load_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed, **options)
 
@@ -196,10 +194,14 @@ def _table(df: pd.DataFrame) -> str:
         return df.to_string()
 
 
+def _describe(exp: Experiment) -> str:
+    return (f"{len(exp.images)} images of {exp.images.folder.name}, encoder {exp.images.encoder.label}; "
+            f"knowledge base {exp.text.meta.get('kb_id') or 'none (class names)'}")
+
+
 def _print_metrics(exp: Experiment) -> None:
     m, st = exp.metrics, exp.images.stats
-    print(f"{exp.result.method} on {exp.images.folder.name}: {len(exp.images)} images, encoder "
-          f"{exp.images.encoder.label}; knowledge base {exp.text.meta.get('kb_id') or 'none (class names)'}")
+    print(f"{exp.result.method}: {_describe(exp)}")
     print(f"embeddings: {st.get('hits', 0)} from the store, {st.get('n_encoded', 0)} encoded")
     if m is None:
         print("unlabelled images: no metrics (write the predictions with --predictions)")
@@ -210,12 +212,11 @@ def _print_metrics(exp: Experiment) -> None:
 
 
 def _options(args) -> dict:
-    """The pipeline's keyword options (``template`` last: :func:`embed_images` takes the others)."""
+    """The keyword options of :func:`~kplib.pipeline.embed_images` (and of ``run`` / ``compare``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    return {"cache": not args.no_cache, "on_error": args.on_error, "progress": progress,
-            "max_pixels": args.max_pixels, "template": args.template}
+    return {"cache": not args.no_cache, "on_error": args.on_error, "progress": progress, "max_pixels": args.max_pixels}
 
 
 def cmd_run(args) -> int:
@@ -223,7 +224,7 @@ def cmd_run(args) -> int:
     predictions = _outputs(args.predictions, (".csv", ".json"), "--predictions")
     output = _outputs(args.output, (".json",), "--output")
     exp = run(_folder(args), args.method, _encoder(args), args.kb, configs, n_bootstrap=args.n_bootstrap,
-              **_options(args))
+              template=args.template, **_options(args))
     _print_metrics(exp)
     if predictions:
         write_predictions(predictions, exp)
@@ -240,10 +241,9 @@ def cmd_compare(args) -> int:
     configs = _configs(args, methods)
     out = _outputs(args.output, (".csv",), "--output")
     cmp = compare(_folder(args), methods, _encoder(args), args.kb, configs, reference=args.reference,
-                  n_bootstrap=args.n_bootstrap, **_options(args))
+                  n_bootstrap=args.n_bootstrap, template=args.template, **_options(args))
     first = next(iter(cmp.experiments.values()))
-    print(f"{len(first.images)} images of {first.images.folder.name}, encoder {first.images.encoder.label}; "
-          f"knowledge base {first.text.meta.get('kb_id') or 'none (class names)'}")
+    print(_describe(first))
     table = cmp.table()
     print(_table(table))
     if out:
@@ -257,9 +257,7 @@ def cmd_encode(args) -> int:
     save = _outputs(args.save, (".pt",), "--save")
     if args.no_cache and save is None:
         raise KPLInputError("kpl encode fills the embedding store; with --no-cache it needs --save FILE.pt")
-    options = _options(args)
-    del options["template"]
-    emb = embed_images(_folder(args), _encoder(args), **options)
+    emb = embed_images(_folder(args), _encoder(args), **_options(args))
     counts = ", ".join(f"{c} {n}" for c, n in emb.folder.counts().items())
     print(f"{len(emb)} images of {emb.folder.name} ({counts or 'unlabelled'}) embedded with {emb.encoder.label}: "
           f"{emb.stats.get('hits', 0)} from the store, {emb.stats.get('n_encoded', 0)} encoded; "
@@ -313,12 +311,10 @@ def write_predictions(path: Path, exp: Experiment) -> None:
                for p, y, k, s in zip(folder.paths, labels, exp.result.predictions.tolist(), scores)]
     label = exp.images.encoder.label
     if path.suffix.lower() == ".csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "true_class", "predicted_class", *[f"score_{c}" for c in names], "encoder"])
-        w.writerows([r["path"], r["true_class"] or "", r["predicted_class"],
-                     *[f"{r['scores'][c]:.9g}" for c in names], label] for r in records)
-        text = buf.getvalue()
+        columns = ["path", "true_class", "predicted_class", *[f"score_{c}" for c in names], "encoder"]
+        rows = [[r["path"], r["true_class"] or "", r["predicted_class"], *[f"{r['scores'][c]:.9g}" for c in names],
+                 label] for r in records]
+        text = pd.DataFrame(rows, columns=columns).to_csv(index=False, lineterminator="\n")
     else:
         text = json.dumps({"encoder": label, "is_standin": exp.images.encoder.is_standin, "class_names": names,
                            "predictions": records}, indent=1, ensure_ascii=False) + "\n"
