@@ -33,7 +33,7 @@ from .io.datasets import ImageFolder, display_path, load_dataset, registry, unre
 from .io.descriptors import dclip_imagenet_kb
 from .io.encoders import Encoder, EncoderIdentity, load_encoder
 from .io.images import DECODE_VERSION, decode_image, read_bytes
-from .io.knowledge import KPL_TEMPLATE, KnowledgeBase, generic_descriptions, load_kb
+from .io.knowledge import KPL_TEMPLATE, KnowledgeBase, check_template, generic_descriptions, load_kb
 from .io.store import EmbeddingStore, content_key, text_key
 from .method import metrics
 from .method.controls import CONTROLS, control_descriptions
@@ -179,8 +179,7 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encod
     ``seed``; ``generic`` needs the ``modality``, else it is left out). Prompts longer than the text context are
     truncated as CLIP does, with a warning naming the class and description.
     """
-    if "{class_name}" not in template or "{description}" not in template:
-        raise KPLInputError(f"template {template!r} must contain '{{class_name}}' and '{{description}}'")
+    check_template(template)
     if not name_templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in name_templates):
         raise KPLInputError(f"name_templates must be strings with one '{{}}' each, got {list(name_templates)!r}")
     kb = None if kb is None else (kb if isinstance(kb, KnowledgeBase) else load_kb(kb)).select(list(class_names))

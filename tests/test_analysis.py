@@ -329,18 +329,3 @@ def test_read_bench(tmp_path, capsys, monkeypatch):
     bad.write_text(json.dumps([{"n": 1}]))
     with pytest.raises(KPLInputError, match="lacks columns"):
         A.read_bench(bad)
-
-
-def test_scaling_exponents_recovers_known_power():
-    n = pd.Series([100, 200, 400, 800] * 2)
-    df = pd.DataFrame({"n": n, "variant": ["a"] * 4 + ["b"] * 4,
-                       "seconds": pd.concat([1e-3 * n[:4], 1e-6 * n[4:] ** 2]).to_numpy()})
-    out = A.scaling_exponents(df).set_index("variant")
-    assert out.loc["a", "exponent"] == pytest.approx(1.0, abs=1e-9)
-    assert out.loc["b", "exponent"] == pytest.approx(2.0, abs=1e-9)
-    shuffled = A.scaling_exponents(df.iloc[::-1]).set_index("variant")  # row order does not matter
-    assert shuffled.loc["a", "seconds_at_min_n"] == pytest.approx(0.1) and shuffled.loc["a", "n_max"] == 800
-    with pytest.raises(KPLInputError, match="two distinct"):
-        A.scaling_exponents(df[df["n"] == 100])
-    with pytest.raises(KPLInputError, match="no column"):
-        A.scaling_exponents(df.drop(columns="seconds"))

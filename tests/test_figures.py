@@ -128,20 +128,12 @@ def test_caption_for():
     assert figures.caption_for(REAL) is None
 
 
-def test_figures_without_an_encoder_say_so(tmp_path):
-    from PIL import Image
-
+def test_figures_without_an_encoder_say_so():
     counts = pd.DataFrame({"dataset": ["a", "a", "b"], "class": ["x", "y", "z"], "descriptions": [40, 50, 45]})
     lengths = pd.DataFrame({"dataset": ["a"] * 3 + ["b"], "n_tokens": [12, 20, 80, 30]})
-    paths = []
-    for i in range(4):
-        paths.append(tmp_path / f"{i}.png")
-        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(paths[-1])
-    for fig in (figures.kb_counts_bar(counts, minimum=40), figures.token_lengths(lengths),
-                figures.example_images(paths, [0, 1, 0, 1], ["x", "y"], per_class=2)):
+    for fig in (figures.kb_counts_bar(counts, minimum=40), figures.token_lengths(lengths)):
         assert "encoder: none" in fig.get_suptitle() and fig.get_supxlabel() == ""
         _renders(fig)
-    assert len(figures.example_images(paths, [0, 1, 0, 1], ["x", "y"], per_class=2).axes[0].images) == 1
 
 
 def test_scaling_reads_the_bench_table():

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import paths
 from ..errors import KPLInputError
-from ..io.knowledge import KPL_TEMPLATE, KnowledgeBase
+from ..io.knowledge import KPL_TEMPLATE, KnowledgeBase, check_template
 from ..method.methods import run_method
 from ..method.metrics import evaluate
 from ..method.text_proxy import build_text_proxies, per_image_text_logits
@@ -60,8 +60,7 @@ def kb_counts(kbs: Mapping[str, KnowledgeBase]) -> pd.DataFrame:
 def prompt_token_lengths(kb: KnowledgeBase, tokenizer: Any, template: str = KPL_TEMPLATE) -> pd.DataFrame:
     """Token length of every description's prompt, start and end tokens included (the 77-token context counts them);
     ``tokenizer``: an ``Encoder`` (``token_lengths``) or a Hugging Face tokenizer."""
-    if "{class_name}" not in template or "{description}" not in template:
-        raise KPLInputError(f"template {template!r} must contain '{{class_name}}' and '{{description}}'")
+    check_template(template)
     rows = [{"class": c.name, "index": j, "description": t, "n_words": len(_WORD.findall(t.lower())),
              "prompt": template.format(class_name=c.display_name, description=t)}
             for c in kb.classes for j, t in enumerate(c.texts)]
@@ -382,21 +381,3 @@ def read_bench(path: str | os.PathLike | None = None) -> pd.DataFrame | None:
     return pd.DataFrame([{"n": r["n"], "c": r.get("c"), "variant": v, "seconds": r[f"{v}_s"],
                           "peak_rss_mb": r.get(f"rss_{v}_mb")}
                          for r in raw for v in ("baseline", "reference", "corrected") if f"{v}_s" in r])
-
-
-def scaling_exponents(df: pd.DataFrame) -> pd.DataFrame:
-    """Per ``variant`` of a :func:`read_bench` table, the least-squares slope ``b`` of ``log(seconds) = a + b log(n)``
-    (b ≈ 1: linear in N)."""
-    missing = [col for col in ("seconds", "variant", "n") if col not in df]
-    if missing:
-        raise KPLInputError(f"df has no column {missing}; columns are {list(df.columns)}")
-    rows = []
-    for variant, sub in df.groupby("variant", sort=False):
-        sub = sub[(sub.seconds > 0) & (sub.n > 0)].sort_values("n")
-        if sub.n.nunique() < 2:
-            raise KPLInputError(f"variant {variant!r} has fewer than two distinct n values with positive seconds; "
-                                "cannot fit a scaling exponent")
-        n, s = sub.n.to_numpy(float), sub.seconds.to_numpy(float)
-        rows.append({"variant": variant, "exponent": float(np.polyfit(np.log(n), np.log(s), 1)[0]),
-                     "seconds_at_min_n": s[0], "seconds_at_max_n": s[-1], "n_min": int(n[0]), "n_max": int(n[-1])})
-    return pd.DataFrame(rows)

@@ -17,7 +17,6 @@ from matplotlib.patches import Patch
 from sklearn.decomposition import PCA
 
 from ..errors import KPLInputError
-from ..io.images import read_image
 from ..params import Options, check, check_embeddings
 from . import analysis
 
@@ -499,15 +498,3 @@ def token_lengths(lengths: pd.DataFrame, limit: int = 77) -> Figure:
     ax.set(xlabel="tokens of the full prompt (start/end tokens included)", ylabel="number of descriptions")
     ax.legend(fontsize=7)
     return finish(fig, "Prompt lengths (tokenizer only; no encoder weights involved)", NO_ENCODER)
-
-
-def example_images(paths: Sequence[Any], labels: Any, class_names: Sequence[str], per_class: int = 4) -> Figure:
-    """The first ``per_class`` images of each class, one row per class."""
-    y = _classes(labels, len(paths), len(class_names))
-    fig, axes = _axes(1.9 * per_class, 1.9 * len(class_names), len(class_names), per_class)
-    for c, row in enumerate(axes.reshape(len(class_names), per_class)):
-        for j, (ax, i) in enumerate(zip(row, list(np.flatnonzero(y == c)[:per_class]) + [None] * per_class)):
-            ax.set(xticks=[], yticks=[], ylabel=class_names[c] if j == 0 else "")
-            if i is not None:
-                ax.imshow(read_image(paths[i]))
-    return finish(fig, "Example images per class", "none (the images themselves)")

@@ -480,6 +480,13 @@ class _Checks:
         return out
 
 
+def check_template(template: str) -> None:
+    """Refuse a description template without both ``{class_name}`` and ``{description}`` fields."""
+    if "{class_name}" not in template or "{description}" not in template:
+        raise KnowledgeBaseError(f"template {template!r} must contain '{{class_name}}' and '{{description}}' "
+                                 + fix(cli="--template '... {class_name} ... {description}'", python="template=..."))
+
+
 def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokenizer: Any = None,
              template: str = KPL_TEMPLATE, min_count: int | None = None, check_tokens: bool = True,
              near_duplicate_ratio: float = NEAR_DUPLICATE_RATIO) -> ValidationReport:
@@ -497,9 +504,7 @@ def validate(kb: KnowledgeBase, class_names: Sequence[str] | None = None, tokeni
     or None for the CLIP tokenizer in ``$KPL_TOKENIZER_DIR``. When none loads, the token check is skipped with a
     warning that says how to enable it; ``check_tokens=False`` turns it off.
     """
-    if "{class_name}" not in template or "{description}" not in template:
-        raise KnowledgeBaseError(f"template {template!r} must contain '{{class_name}}' and '{{description}}' "
-                                 + fix(cli="--template '... {class_name} ... {description}'", python="template=..."))
+    check_template(template)
     dataset, tok, findings = None if class_names is None else list(class_names), None, []
     try:
         if check_tokens:
