@@ -489,6 +489,7 @@ def main() -> None:
                     help="only the float64 agreement with the transcription and issue 17's before/after table")
     ap.add_argument("--max-n", type=int, default=AGREEMENT_MAX_N * 10,
                     help="leave out workloads with more images (speed table; agreement: at most 100,000)")
+    ap.add_argument("--speed", action="store_true", help="only the speed table (no agreement checks)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int)
     ap.add_argument("--c", type=int)
@@ -513,6 +514,8 @@ def main() -> None:
                 _float64_agreement(rows, Path(tmp), quick=args.quick)
         print(NOTES)
         (out / "bench_post_encoding.json").write_text(json.dumps(rows, indent=1))
+    if args.speed:
+        return
     checks = {"agreement": agreement(args.quick, min(args.max_n, AGREEMENT_MAX_N)),
               "issue17_items": issue17_items(args.quick)}
     print(AGREEMENT_NOTES)
