@@ -125,6 +125,10 @@ def check_matrix(x: Any, name: str, cols: int | None = None) -> Tensor:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise KPLInputError(f"{name} must be a tensor or array, got {type(x).__name__}") from exc
+    if x.device.type != "cpu":
+        raise KPLInputError(f"{name} is on device {x.device}; kplib's method stages compute on the CPU (their solvers "
+                            f"are SciPy's and POT's NumPy ones): pass {name}.cpu(). A GPU pays off in encoding, "
+                            "whose embeddings pipeline.embed_images returns on the CPU.")
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     if x.ndim != 2 or x.shape[0] == 0:

@@ -272,6 +272,12 @@ def _bad(text, **changes):
          "name_embeddings"),
         (lambda x, t: (x, _bad(t, class_names=["a"])), "kpl_reference", "at least 2 classes"),
         (lambda x, t: (x, "text"), "kpl", "text must be a kplib TextEmbeddings"),
+        # another device than the CPU (meta stands in for cuda here): named, with the fix
+        (lambda x, t: (x.to("meta"), t), "kpl_corrected", "image_embeddings is on device meta"),
+        (lambda x, t: (x.to("meta"), t), "kpl_reference", "pass image_embeddings.cpu()"),
+        (lambda x, t: (x.to("meta"), t), "transclip", "compute on the CPU"),
+        (lambda x, t: (x, _bad(t, description_embeddings=[d.to("meta") for d in t.description_embeddings])),
+         "kpl_reference", "is on device meta"),
     ],
 )
 def test_input_validation(make, method, fragment):
