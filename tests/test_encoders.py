@@ -126,6 +126,20 @@ def test_save_pretrained_round_trip_gives_identical_embeddings(tiny_folder, tiny
     torch.testing.assert_close(got, torch.nn.functional.normalize(ref.pooler_output, dim=-1), atol=1e-5, rtol=0)
 
 
+def test_preprocessing_in_threads_keeps_every_pixel_in_order(tiny_parts):
+    model, tokenizer, processor = tiny_parts
+    enc = Encoder(model, tokenizer, processor, EncoderIdentity("memory", None, False))
+    ims = _images(7)
+    want = processor(images=ims, return_tensors="pt")["pixel_values"]
+    for threads in (1, 2, 3, 16):  # one slice, uneven slices, more threads than images
+        enc.preprocess_threads = threads
+        assert torch.equal(enc._preprocess(ims), want), threads
+    enc.preprocess_threads = 1
+    serial = enc.encode_images(ims, batch_size=4)
+    enc.preprocess_threads = 3
+    assert torch.equal(enc.encode_images(ims, batch_size=4), serial)
+
+
 def test_revision_follows_the_files(tiny_folder):
     first = _load_quietly(str(tiny_folder))
     assert _load_quietly(str(tiny_folder)).identity == first.identity
