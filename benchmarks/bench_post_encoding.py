@@ -18,9 +18,10 @@ The agreement part runs reference mode and the transcription (benchmarks/baselin
 float64 end to end from description embeddings, on the workloads up to N = 100,000 plus a ragged knowledge base
 (M = (12, 50, 37), K = 20), and prints, for each of issue 17's five items, the agreement before and after.
 
-Usage: python benchmarks/bench_post_encoding.py [--quick] [--agreement] [--max-n N] [--no-float64]
+Usage: python benchmarks/bench_post_encoding.py [--quick] [--agreement | --speed] [--max-n N] [--no-float64]
     --quick      the small workloads (speed: N <= 27,558; agreement: N <= 1,311 plus the ragged KB)
     --agreement  only the agreement tables (no timing)
+    --speed      only the speed table (no agreement checks)
 """
 from __future__ import annotations
 

@@ -194,11 +194,13 @@ class Encoder:
         """The processor's pixel values of ``images``, in order, computed in :attr:`preprocess_threads` slices."""
         def pixels(part):
             return self.processor(images=part, return_tensors="pt")["pixel_values"]
-        step = -(-len(images) // max(1, min(self.preprocess_threads, len(images))))
-        if step == len(images):
+        threads = min(self.preprocess_threads, len(images))
+        if threads <= 1:
             return pixels(images)
-        with ThreadPoolExecutor(-(-len(images) // step)) as pool:
-            return torch.cat(list(pool.map(pixels, [images[i:i + step] for i in range(0, len(images), step)])))
+        step = -(-len(images) // threads)  # contiguous slices, so the concatenation keeps the input order
+        parts = [images[i:i + step] for i in range(0, len(images), step)]
+        with ThreadPoolExecutor(len(parts)) as pool:
+            return torch.cat(list(pool.map(pixels, parts)))
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Number of tokens of each text, start and end tokens included, before truncation."""
