@@ -19,7 +19,7 @@ _PUBLIC = {
     "load_kb": "kplib.io.knowledge", "run_method": "kplib.method.methods", "KPLConfig": "kplib.method.methods",
     "METHODS": "kplib.method.methods", "make_world": "kplib.method.simulate", "evaluate": "kplib.method.metrics",
 }
-__all__ = ["KPLError", "KPLInputError", "StandInWarning", "__version__", *_PUBLIC]
+__all__ = ["KPLError", "KPLInputError", "StandInWarning", "__version__", *_PUBLIC]  # noqa: PLE0604 (lazy names)
 
 
 def __getattr__(name: str):

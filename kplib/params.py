@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from torch import Tensor
 
 from .errors import KPLInputError
 
-__all__ = ["Interval", "Options", "Boolean", "param", "check", "validate", "check_matrix", "check_embeddings",
-           "check_descriptions", "check_marginal"]
+__all__ = ["Boolean", "Interval", "Options", "check", "check_descriptions", "check_embeddings", "check_marginal",
+           "check_matrix", "param", "replace", "validate"]
 
 
 @dataclass(frozen=True)
@@ -35,30 +36,24 @@ class Interval:
     hi: float | None = None
     closed: str = "both"  # "both" | "left" | "right" | "neither"
 
+    def _ends(self) -> tuple[bool, bool]:
+        return self.closed in ("both", "left"), self.closed in ("both", "right")
+
     def accepts(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
             return False
-        if self.kind is int and not isinstance(value, int) or not math.isfinite(value):
-            return False
-        lo_ok = self.lo is None or (value >= self.lo if self.closed in ("both", "left") else value > self.lo)
-        hi_ok = self.hi is None or (value <= self.hi if self.closed in ("both", "right") else value < self.hi)
-        return lo_ok and hi_ok
+        left, right = self._ends()
+        return (math.isfinite(value) and (self.lo is None or value > self.lo or left and value == self.lo)
+                and (self.hi is None or value < self.hi or right and value == self.hi))
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a finite number"
-        if self.lo is not None and self.hi is None:
-            return f"{what} {'>=' if self.closed in ('both', 'left') else '>'} {self.lo}"
-        if self.hi is not None and self.lo is None:
-            return f"{what} {'<=' if self.closed in ('both', 'right') else '<'} {self.hi}"
+        left, right = self._ends()
+        if self.hi is None:
+            return what if self.lo is None else f"{what} {'>=' if left else '>'} {self.lo}"
         if self.lo is None:
-            return what
-        left = "[" if self.closed in ("both", "left") else "("
-        right = "]" if self.closed in ("both", "right") else ")"
-        return f"{what} in {left}{self.lo}, {self.hi}{right}"
-
-    def parse(self, text: str):
-        """Command-line text → value (argparse ``type``)."""
-        return self.kind(text)
+            return f"{what} {'<=' if right else '<'} {self.hi}"
+        return f"{what} in {'[' if left else '('}{self.lo}, {self.hi}{']' if right else ')'}"
 
 
 class Options:
@@ -73,23 +68,15 @@ class Options:
     def describe(self) -> str:
         return "one of " + ", ".join(repr(v) for v in self.values)
 
-    def parse(self, text: str) -> str:
-        return text
-
 
 class Boolean:
     """True or False (not 0/1)."""
-
-    values = (True, False)
 
     def accepts(self, value: Any) -> bool:
         return isinstance(value, bool)
 
     def describe(self) -> str:
         return "True or False"
-
-    def parse(self, text: str) -> bool:
-        return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
 
 
 POSITIVE = Interval(float, 0, None, closed="neither")
@@ -108,6 +95,14 @@ def check(name: str, value: Any, constraint, none_ok: bool = False) -> Any:
         return value
     alt = " or None" if none_ok else ""
     raise KPLInputError(f"{name} must be {constraint.describe()}{alt}, got {value!r}")
+
+
+def replace(config: Any, **overrides: Any) -> Any:
+    """``dataclasses.replace(config, **overrides)``, refusing names that are not fields of ``config``'s class."""
+    valid = [f.name for f in dataclasses.fields(config)]
+    if unknown := sorted(set(overrides) - set(valid)):
+        raise KPLInputError(f"unknown {type(config).__name__} field(s) {unknown}; valid fields: {valid}")
+    return dataclasses.replace(config, **overrides)
 
 
 def validate(obj: Any) -> None:
@@ -155,13 +150,12 @@ def check_embeddings(x: Any, name: str, dim: int | None = None) -> Tensor:
 def unit(x: Tensor, *, exact: bool = True) -> Tensor:
     """Rows scaled to unit L2 norm (``torch.nn.functional.normalize``, as the released code calls it).
 
-    ``exact=False`` returns ``x`` itself when every row is unit length already, to within the 16 float eps that
-    ``normalize`` itself leaves: normalising again would change rounding only, and would copy an N×d matrix (3 GB
-    for a million CLIP embeddings). Reference mode always normalises, as released.
+    ``exact=False`` returns ``x`` itself when every row is unit length already (to the 16 eps ``normalize`` leaves),
+    sparing an N×d copy that would change rounding only. Reference mode always normalises, as released.
     """
-    if not exact and x.ndim == 2 and x.is_floating_point():
-        if float((torch.linalg.vector_norm(x, dim=1) - 1).abs().max()) <= 16 * torch.finfo(x.dtype).eps:
-            return x
+    if not exact and x.ndim == 2 and x.is_floating_point() and \
+            float((torch.linalg.vector_norm(x, dim=1) - 1).abs().max()) <= 16 * torch.finfo(x.dtype).eps:
+        return x
     return F.normalize(x, dim=-1)
 
 

@@ -65,10 +65,7 @@ def cache_dir() -> Path:
 
 def default_device() -> str:
     """Torch device for encoding (``$KPL_DEVICE``, e.g. ``cuda:1``); default ``cuda`` when available, else ``cpu``."""
-    value = os.environ.get("KPL_DEVICE")
-    if value:
-        return value
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return os.environ.get("KPL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_model() -> str:

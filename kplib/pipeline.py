@@ -94,12 +94,11 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
                  max_pixels: int | None = None) -> EmbeddingSet:
     """Encode every image of ``dataset`` (a registered name, a folder or an :class:`ImageFolder`).
 
-    Files go through in chunks: read once, keyed by the sha256 of their bytes, looked up in the embedding store
-    (namespace: the encoder's :meth:`~kplib.io.encoders.Encoder.namespace` and the decoder version), and only misses
-    are decoded and encoded; new rows are stored. ``on_error="stop"`` raises one error listing every unreadable file
-    (after checking them all; chunks encoded before the first failure are kept in the store); ``"skip"`` leaves them
-    out, in ``folder.skipped``. Byte-identical files filed under different classes are reported (a labelling leak).
-    ``max_pixels`` is the decompression-bomb limit of decoding; files found in the store are not decoded again.
+    Files go through in chunks: read once, keyed by the sha256 of their bytes, looked up in the embedding store, and
+    only misses are decoded (``max_pixels``: the decompression-bomb limit) and encoded; new rows are stored.
+    ``on_error="stop"`` raises one error listing every unreadable file (chunks encoded before the first failure stay
+    stored); ``"skip"`` leaves them out, in ``folder.skipped``. Byte-identical files under different classes are
+    reported (a labelling leak).
     """
     strict = check("on_error", on_error, Options("stop", "skip")) == "stop"
     encoder = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
@@ -174,10 +173,10 @@ def embed_knowledge(kb: KnowledgeBase | str | os.PathLike | None, encoder: Encod
     """Encode a knowledge base for ``class_names`` (in that order) into :class:`TextEmbeddings`.
 
     Description prompts are ``template`` filled with each class's display name and description (kpl-method.md,
-    Stage 1 step 1); class-name prompts fill each of ``name_templates``. ``kb=None`` encodes class names only (for
-    ``zero_shot``). ``controls=True`` also encodes the knowledge controls (:mod:`kplib.method.controls`, seeded by
-    ``seed``; ``generic`` needs the ``modality``, else it is left out). Prompts longer than the text context are
-    truncated as CLIP does, with a warning naming the class and description.
+    Stage 1 step 1); class-name prompts fill each of ``name_templates``. ``kb=None`` encodes class names only.
+    ``controls=True`` also encodes the knowledge controls (:mod:`kplib.method.controls`, seeded by ``seed``;
+    ``generic`` needs the ``modality``). Prompts longer than the text context are truncated as CLIP does, with a
+    warning naming the class and description.
     """
     check_template(template)
     if not name_templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in name_templates):
@@ -272,19 +271,18 @@ def run(dataset, method: str = "kpl_corrected", encoder: Encoder | str = "auto",
     ----------
     dataset : str, path or ImageFolder
         A registered dataset, an image folder (``<class>/<image>``), or an :class:`ImageFolder` from
-        :func:`kplib.io.datasets.load_dataset` (unlabelled images, a seeded subset, skipped empty classes ...).
+        :func:`kplib.io.datasets.load_dataset` (unlabelled images, a seeded subset ...).
     method : str
         One of :data:`kplib.method.methods.METHODS`.
     encoder : Encoder or str
-        An encoder from :func:`kplib.io.encoders.load_encoder`, or what to load (hub id, folder, ``"standin"``,
-        ``"auto"``).
+        An :class:`Encoder`, or what :func:`kplib.io.encoders.load_encoder` should load.
     kb : KnowledgeBase, str or path, optional
-        Default: the dataset's curated knowledge base; methods on class names alone run without one.
+        Default: the dataset's curated one; methods on class names alone run without one.
     config : KPLConfig (or the method's own config), optional
-        The method's switches (default: the method's defaults).
+        The method's switches (default: its defaults).
 
-    The keyword options say how to get there: the embedding store (``cache``), unreadable images (``on_error``),
-    progress bars, the description prompt (``template``), the decompression-bomb limit and the bootstrap size.
+    The keyword options: the embedding store (``cache``), unreadable images (``on_error``), progress bars, the
+    description prompt (``template``), the decompression-bomb limit and the bootstrap size.
     """
     return compare(dataset, [method], encoder, kb, config, cache=cache, on_error=on_error, progress=progress,
                    template=template, max_pixels=max_pixels, n_bootstrap=n_bootstrap).experiments[method]

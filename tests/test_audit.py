@@ -153,3 +153,13 @@ def test_shared_eye_set_has_cross_class_duplicates(monkeypatch):
     r = audit("eye_diseases_4class", near_threshold=None)
     cross = [g for g in r.exact_duplicates if g["cross_class"]]
     assert r.exit_code == 1 and len(cross) == 2 and all(len(set(g["classes"])) == 2 for g in cross)
+
+
+def test_raised_max_pixels_reaches_the_format_count(tmp_path, monkeypatch):
+    """Formats come from the decoder (``info["source_format"]``): an image above Pillow's own limit but under
+    ``max_pixels`` is counted, not parsed a second time under Pillow's limit."""
+    for cls in ("x", "y"):
+        put(tmp_path / "big" / cls / "1.png", encode(picture(ord(cls), size=(40, 40))))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 px > 2 x 500: Pillow alone would refuse them
+    r = audit(tmp_path / "big", max_pixels=1600, near_threshold=None)
+    assert r.unreadable == [] and r.modes == {"PNG RGB": 2} and r.exit_code == 0

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from kplib.errors import KPLInputError
 from kplib.method.baselines import (
     CLIPDNConfig,
-    WaffleConfig,
     clip_dn,
     random_descriptors,
     waffle_clip,
@@ -125,12 +124,3 @@ def test_random_descriptor_kinds_and_lengths():
         random_descriptors(3, (4, 2))
     with pytest.raises(KPLInputError, match="n must be"):
         random_descriptors(0)
-
-
-def test_waffle_config_validates():
-    cfg = WaffleConfig()
-    assert (cfg.n_descriptors, cfg.kind, cfg.seed) == (30, "mixed", 0)
-    with pytest.raises(KPLInputError, match="min_words"):
-        WaffleConfig(min_words=6, max_words=2)
-    with pytest.raises(KPLInputError, match="kind must be"):
-        WaffleConfig(kind="letters")

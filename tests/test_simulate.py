@@ -291,14 +291,14 @@ def test_presets_build():
                             "knowledge_uninformative"}
     w = preset("imbalanced", n_images=200)
     assert w.priors[0] / w.priors[-1] == pytest.approx(10.0, rel=1e-4)
-    with pytest.raises(KPLInputError, match="unknown preset"):
+    with pytest.raises(KPLInputError, match="preset must be one of .balanced_collapse.*got .nope."):
         preset("nope")
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(priors=[1, 2]), "priors has 2"),
+        (dict(priors=[1, 2]), "priors must have 3 entries"),
         (dict(priors=[1, 0, 1]), "positive"),
         (dict(priors=[1, 1, 1], imbalance=2.0), "not both"),
         (dict(imbalance=0.5), "imbalance"),
@@ -312,7 +312,7 @@ def test_presets_build():
         (dict(dim=5), "dim"),
         (dict(relevant_fraction=-0.1), "relevant_fraction"),
         (dict(seed=1.5), "seed"),
-        (dict(n_image=10), "unknown simulator setting"),
+        (dict(n_image=10), "unknown WorldConfig field"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -321,7 +321,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_modality_gap_rejects_mismatch():
-    with pytest.raises(KPLInputError, match="d="):
+    with pytest.raises(KPLInputError, match="text_embeddings has 5 columns, expected 4"):
         modality_gap(torch.randn(3, 4), torch.randn(3, 5))
     vec, norm = modality_gap(torch.eye(2)[:1], torch.eye(2)[1:])
     assert norm == pytest.approx(math.sqrt(2)) and torch.allclose(vec, torch.tensor([1.0, -1.0]))

@@ -137,7 +137,7 @@ def test_switches_and_input_errors():
         transclip(x, t, logits=x @ t.T)
     with pytest.raises(KPLInputError, match="rows"):
         transclip(x, logits=(x @ t.T)[:10])
-    with pytest.raises(KPLInputError, match="unknown TransCLIP parameter"):
+    with pytest.raises(KPLInputError, match="unknown TransCLIPConfig field"):
         transclip(x, t, lambda_=1.0)
     with pytest.raises(KPLInputError, match="lam must be"):
         TransCLIPConfig(lam=-1.0)

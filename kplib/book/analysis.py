@@ -171,8 +171,8 @@ def prediction_shares(predictions: Any, class_names: Sequence[str]) -> pd.Series
     p = torch.as_tensor(predictions).long().flatten()
     if p.numel() == 0 or p.min() < 0 or p.max() >= len(class_names):
         raise KPLInputError(f"predictions must be a non-empty vector of class indices in [0, {len(class_names) - 1}]")
-    counts = torch.bincount(p, minlength=len(class_names)).double()
-    return pd.Series((counts / counts.sum()).numpy(), index=list(class_names), name="predicted share")
+    return pd.Series(torch.bincount(p, minlength=len(class_names)).numpy() / len(p), index=list(class_names),
+                     name="predicted share")
 
 
 def zero_shot_by_template(image_embeddings: Any, text: Any, labels: Any) -> pd.DataFrame:
@@ -247,14 +247,11 @@ def sweep_spread(table: pd.DataFrame, fixed_k: int = 8, metric: str = "accuracy"
     fixed in advance, and ``optimism`` = best-of-sweep − fixed-K: how much choosing K on test labels flatters."""
     if not {"method", "k", metric} <= set(table.columns):
         raise KPLInputError(f"table must be the DataFrame of k_sweep (columns method, k, {metric})")
-    rows = []
-    for m, g in table.groupby("method", sort=False):
-        per_k = g.groupby("k")[metric].mean()
-        fixed = float(per_k.get(fixed_k, float("nan")))
-        rows.append({"method": m, f"min {metric}": per_k.min(), f"max {metric}": per_k.max(),
-                     "spread": per_k.max() - per_k.min(), f"at K={fixed_k} (fixed in advance)": fixed,
-                     "best-of-sweep K (chosen on test labels)": int(per_k.idxmax()), "optimism": per_k.max() - fixed})
-    return pd.DataFrame(rows)
+    per_k = table.groupby(["method", "k"], sort=False)[metric].mean().unstack().sort_index(axis=1)  # method × K
+    lo, hi, fixed = per_k.min(axis=1), per_k.max(axis=1), per_k.get(fixed_k, np.nan)
+    return pd.DataFrame({f"min {metric}": lo, f"max {metric}": hi, "spread": hi - lo,
+                         f"at K={fixed_k} (fixed in advance)": fixed, "best-of-sweep K (chosen on test labels)":
+                         per_k.idxmax(axis=1), "optimism": hi - fixed}).reset_index()
 
 
 def retrieval_agreement(image_embeddings: Any, text: Any, k: int = 8) -> pd.DataFrame:
@@ -289,14 +286,11 @@ def retrieval_precision(image_embeddings: Any, text: Any, relevant: Sequence[Any
     kept descriptions that are relevant (``precision``) and what a random choice reaches (``chance_precision``)."""
     sizes = [len(d) for d in text.description_embeddings]
     masks = _masks(relevant, sizes, text.class_names, "relevant", torch.bool)
-    rows = []
-    for k in ks:
-        for name, s, r in zip(text.class_names, build_text_proxies(image_embeddings, text.description_embeddings,
-                                                                   k=k).selected, masks):
-            rows.append({"k": k, "class": name, "kept": len(s), "relevant_kept": int(r[s].sum()),
-                         "precision": float(r[s].double().mean()), "relevant_total": int(r.sum()),
-                         "chance_precision": float(r.double().mean())})
-    return pd.DataFrame(rows)
+    kept = {k: build_text_proxies(image_embeddings, text.description_embeddings, k=k).selected for k in ks}
+    return pd.DataFrame([{"k": k, "class": name, "kept": len(s), "relevant_kept": int(r[s].sum()),
+                          "precision": float(r[s].double().mean()), "relevant_total": int(r.sum()),
+                          "chance_precision": float(r.double().mean())}
+                         for k in ks for name, s, r in zip(text.class_names, kept[k], masks)])
 
 
 def score_vs_truth(image_embeddings: Any, text: Any, relevant: Sequence[Any], strength: Sequence[Any]) -> pd.DataFrame:

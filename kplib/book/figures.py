@@ -29,8 +29,7 @@ _MARKERS = ("*", "X", "o", "D", "P", "^", "s")
 
 def label_of(encoder: Any) -> str:
     """The label of the encoder behind the numbers: a string, or ``.label`` / ``.identity.label`` of an object."""
-    label = encoder if isinstance(encoder, str) else getattr(encoder, "label", None)
-    label = getattr(getattr(encoder, "identity", None), "label", None) if label is None else label
+    label = encoder if isinstance(encoder, str) else getattr(getattr(encoder, "identity", encoder), "label", None)
     if not isinstance(label, str) or not label.strip():
         raise KPLInputError("encoder must name the encoder behind the numbers: a label (encoder.identity.label, "
                             f"SIMULATED_ENCODER), the Encoder or the Chapter of kplib.book.setup; got {encoder!r}")
@@ -47,8 +46,7 @@ def finish(fig: Figure, title: str, encoder: Any) -> Figure:
     """Title + ``encoder: <label>`` as the suptitle, and the red caption for stand-in or simulated numbers."""
     label = label_of(encoder)
     fig.suptitle(f"{title}\nencoder: {label}", fontsize=10)
-    caption = caption_for(label)
-    if caption:  # supxlabel: the constrained layout reserves room for it
+    if caption := caption_for(label):  # supxlabel: the constrained layout reserves room for it
         fig.supxlabel(caption, color=CAPTION_COLOR, fontweight="bold", fontsize=10)
     return fig
 
@@ -132,10 +130,9 @@ def _shares(x: Any, name: str, c: int) -> np.ndarray:
 
 def draw_shares(ax, series: Mapping[str, np.ndarray], class_names: Sequence[str]) -> None:
     """Grouped bars of class shares, one group per class; a series named ``true ...`` is dark grey."""
-    c, width = len(class_names), 0.8 / len(series)
-    for s, (label, v) in enumerate(series.items()):
-        ax.bar(np.arange(c) + (s - (len(series) - 1) / 2) * width, v, width=width * 0.95, label=label,
-               color="0.25" if label.startswith("true") else f"C{s}")
+    c = len(class_names)
+    pd.DataFrame(series, index=list(class_names)).plot.bar(
+        ax=ax, width=0.8, color=["0.25" if label.startswith("true") else f"C{s}" for s, label in enumerate(series)])
     ax.axhline(1 / c, color="grey", ls="--", lw=1, label="uniform 1/C")
     ax.set_xticks(range(c), class_names, rotation=30 if c > 4 else 0, ha="right" if c > 4 else "center", fontsize=8)
     ax.set_ylabel("share of the images")
@@ -250,8 +247,8 @@ def trajectory(projection: Projection, result: Any, image_emb: Any, labels: Any,
                             "method with record_every set (KPLConfig(record_every=...))")
     c = len(result.class_names)
     path = projection.transform(torch.cat(list(snaps))).reshape(len(snaps), c, 2)
-    coords = {"images": projection.transform(image_emb), "text proxy (start)": projection.transform(result.text.proxies),
-              "learned proxy (end)": path[-1]}
+    coords = {"images": projection.transform(image_emb),
+              "text proxy (start)": projection.transform(result.text.proxies), "learned proxy (end)": path[-1]}
     fig, ax = _axes(8.5, 6.0)
     draw_map(ax, coords, _classes(labels, len(coords["images"]), c), result.class_names, alpha=0.25)
     for k, colour in enumerate(_palette(c)):

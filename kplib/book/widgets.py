@@ -41,12 +41,11 @@ BASE_PRESET = "balanced_collapse"  # names point at one class: zero-shot and the
 
 
 def _check(values: dict[str, Any]) -> dict[str, Any]:
-    """All knob values (``DEFAULTS`` for those not given), checked; float knobs as floats."""
+    """All knob values (``DEFAULTS`` for those not given), checked."""
     unknown = [k for k in values if k not in KNOBS]
     if unknown:
         raise KPLInputError(f"unknown playground knob(s) {unknown}; the knobs are {list(KNOBS)}")
-    checked = {k: check(k, v, KNOBS[k][1]) for k, v in {**DEFAULTS, **values}.items()}
-    return {k: float(v) if getattr(KNOBS[k][1], "kind", None) is float else v for k, v in checked.items()}
+    return {k: check(k, v, KNOBS[k][1]) for k, v in {**DEFAULTS, **values}.items()}
 
 
 @lru_cache(maxsize=16)

@@ -32,7 +32,7 @@ from ..io.datasets import display_path, load_dataset
 from ..io.encoders import DTYPES, STANDIN_LABEL, load_encoder
 from ..io.knowledge import KPL_TEMPLATE, load_kb
 from ..method.methods import METHODS, KPLConfig
-from ..params import MODES, Boolean, Interval, check
+from ..params import MODES, Boolean, Interval, Options, check
 from ..pipeline import Experiment, compare, embed_images, run
 from . import data as data_cli
 from . import kb as kb_cli
@@ -41,22 +41,19 @@ log = logging.getLogger("kplib")
 
 _PREFIX = {"KPLConfig": "", "TransCLIPConfig": "transclip-", "CLIPDNConfig": "dn-"}
 _SHARED = {"mode", "seed"}  # their own options: --mode (checked against the method), --seed (everything seeded)
-
-
-def _config_classes() -> list[type]:
-    return list(dict.fromkeys(spec.config for spec in METHODS.values()))
+_CONFIGS = list(dict.fromkeys(spec.config for spec in METHODS.values()))
 
 
 def _flag(cls: type, name: str) -> str:
     return "--" + _PREFIX.get(cls.__name__, cls.__name__.lower() + "-") + name.replace("_", "-")
 
 
-def _checked(name: str, constraint, none_ok: bool = False):
+def _checked(name: str, constraint: Interval):
     """An argparse ``type`` that parses and checks against the declared constraint (argparse names the flag)."""
     def parse(text: str):
         try:
-            return check(name, constraint.parse(text), constraint, none_ok)
-        except (KPLInputError, ValueError, KeyError) as exc:
+            return check(name, constraint.kind(text), constraint)
+        except ValueError as exc:  # KPLInputError is one too
             raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, KPLInputError)
                                              else f"{name} must be {constraint.describe()}, got {text!r}") from None
     return parse
@@ -64,10 +61,10 @@ def _checked(name: str, constraint, none_ok: bool = False):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     """One option per declared config field, with its constraint's type/choices and its help text."""
-    p.add_argument("--mode", choices=MODES.values, default=None,
+    p.add_argument("--mode", choices=MODES.values,
                    help="reference: the released computation; corrected: what the method intends (methods kpl, "
                         "inmap and the kpl_<control> ones)")
-    for cls in _config_classes():
+    for cls in _CONFIGS:
         group = p.add_argument_group(f"{cls.__name__} options")
         for f in dataclasses.fields(cls):
             if f.name in _SHARED or "constraint" not in f.metadata:
@@ -75,16 +72,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
             c, flag, dest = f.metadata["constraint"], _flag(cls, f.name), f"{cls.__name__}.{f.name}"
             helptext = f.metadata["help"] + f" (default {f.default})"
             if isinstance(c, Boolean):
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-                continue
-            kw = {"choices": list(c.values)} if hasattr(c, "values") else {"metavar": f.name.upper()}
-            group.add_argument(flag, dest=dest, type=_checked(f.name, c), default=None, help=helptext, **kw)
+                kw = {"action": argparse.BooleanOptionalAction}
+            elif isinstance(c, Options):
+                kw = {"choices": c.values}
+            else:
+                kw = {"type": _checked(f.name, c), "metavar": f.name.upper()}
+            group.add_argument(flag, dest=dest, help=helptext, **kw)
 
 
 def _configs(args, methods: Sequence[str]) -> tuple:
     """The configs the options ask for; an option no chosen method uses is an error that says why."""
     out = []
-    for cls in _config_classes():
+    for cls in _CONFIGS:
         kw = {k.split(".", 1)[1]: v for k, v in vars(args).items()
               if k.startswith(cls.__name__ + ".") and v is not None}
         for name in kw:
@@ -112,20 +111,18 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="auto",
                    help="CLIP checkpoint: hub id or save_pretrained folder; 'standin' for the untrained stand-in; "
                         "'auto' (default): $KPL_MODEL, else the stand-in with a loud warning")
-    p.add_argument("--kb", default=None, metavar="FILE_OR_NAME",
-                   help="knowledge base file or curated name (default: the dataset's curated one; zero_shot needs "
-                        "none)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: $KPL_DEVICE, else cuda "
-                                                  "when available)")
+    p.add_argument("--kb", metavar="FILE_OR_NAME",
+                   help="knowledge base file or curated name (default: the dataset's curated one; zero_shot: none)")
+    p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: $KPL_DEVICE, else cuda when available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="encoder precision (bfloat16 runs the forward under autocast)")
     p.add_argument("--batch-size", type=_checked("batch_size", Interval(int, 1)), default=32,
                    help="images per forward pass (default 32)")
-    p.add_argument("--limit-per-class", type=_checked("limit_per_class", Interval(int, 1)), default=None, metavar="N",
+    p.add_argument("--limit-per-class", type=_checked("limit_per_class", Interval(int, 1)), metavar="N",
                    help="a seeded random subset of at most N images per class")
     p.add_argument("--seed", type=_checked("seed", Interval(int, 0)), default=0,
                    help="seed of the subset, the methods and the bootstrap (default 0)")
-    p.add_argument("--threads", type=_checked("threads", Interval(int, 1)), default=None, metavar="N",
+    p.add_argument("--threads", type=_checked("threads", Interval(int, 1)), metavar="N",
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--template", default=KPL_TEMPLATE,
                    help="prompt around each description, with {class_name} and {description} (default: the "
@@ -135,7 +132,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", default="stop", choices=["stop", "skip"],
                    help="unreadable images: stop with an error listing them (default), or skip them")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding store")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="progress bars on stderr (default: when stderr is a terminal)")
     data_cli.add_dataset_args(p)
     _add_config_args(p)
@@ -153,24 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one method on a folder and evaluate it", description=f"Methods — {methods}.")
     _add_run_args(p)
     p.add_argument("--method", default="kpl_corrected", choices=list(METHODS), help="default kpl_corrected")
-    p.add_argument("--predictions", default=None, metavar="FILE.csv|FILE.json", help="write per-image predictions")
-    p.add_argument("--output", default=None, metavar="FILE.json",
+    p.add_argument("--predictions", metavar="FILE.csv|FILE.json", help="write per-image predictions")
+    p.add_argument("--output", metavar="FILE.json",
                    help="write {dataset, model, method, config, metrics} (merge several with `kpl merge`)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="run several methods on the same embeddings, with paired tests",
                        description=f"Methods — {methods}.")
     _add_run_args(p)
     p.add_argument("--methods", required=True, metavar="A,B,...", help="comma-separated method names")
-    p.add_argument("--reference", default=None, help="the method the others are tested against (default: first)")
-    p.add_argument("--output", default=None, metavar="FILE.csv", help="write the table")
+    p.add_argument("--reference", help="the method the others are tested against (default: first)")
+    p.add_argument("--output", metavar="FILE.csv", help="write the table")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("encode", help="fill the embedding store for a folder (no method)")
     _add_run_args(p)
-    p.add_argument("--save", default=None, metavar="FILE.pt", help="also write the embeddings, labels and paths")
+    p.add_argument("--save", metavar="FILE.pt", help="also write the embeddings, labels and paths")
     p.set_defaults(func=cmd_encode)
     p = sub.add_parser("merge", help="one table from several `kpl run --output` files")
     p.add_argument("files", nargs="+", metavar="FILE.json")
-    p.add_argument("--output", default=None, metavar="FILE.csv", help="write the table as CSV")
+    p.add_argument("--output", metavar="FILE.csv", help="write the table as CSV")
     p.set_defaults(func=cmd_merge)
     data_cli.register(sub)
     kb_cli.register(sub)
@@ -178,15 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ commands
-def _folder(args):
+def _inputs(args) -> dict:
+    """The images, the encoder and the keyword options of :func:`~kplib.pipeline.embed_images` (and ``run``,
+    ``compare``) that the command line asks for."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = data_cli.dataset_options(args)
     if options["labelled"] is False and options["classes"] is None and args.kb:
         options["classes"] = load_kb(args.kb).class_names  # unlabelled images of the knowledge base's classes
-    return load_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed, **options)
-
-
-def _encoder(args):
-    return load_encoder(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    return {"dataset": load_dataset(args.dataset, limit_per_class=args.limit_per_class, seed=args.seed, **options),
+            "encoder": load_encoder(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size),
+            "cache": not args.no_cache, "on_error": args.on_error, "max_pixels": args.max_pixels,
+            "progress": sys.stderr.isatty() if args.progress is None else args.progress}
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -199,33 +199,21 @@ def _describe(exp: Experiment) -> str:
             f"knowledge base {exp.text.meta.get('kb_id') or 'none (class names)'}")
 
 
-def _print_metrics(exp: Experiment) -> None:
-    m, st = exp.metrics, exp.images.stats
-    print(f"{exp.result.method}: {_describe(exp)}")
-    print(f"embeddings: {st.get('hits', 0)} from the store, {st.get('n_encoded', 0)} encoded")
-    if m is None:
-        print("unlabelled images: no metrics (write the predictions with --predictions)")
-        return
-    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
-        lo, hi = m[f"{key}_ci"]
-        print(f"  {key:18s} {100 * m[key]:6.2f} %  (95% bootstrap interval {100 * lo:.2f}–{100 * hi:.2f})")
-
-
-def _options(args) -> dict:
-    """The keyword options of :func:`~kplib.pipeline.embed_images` (and of ``run`` / ``compare``)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    return {"cache": not args.no_cache, "on_error": args.on_error, "progress": progress, "max_pixels": args.max_pixels}
-
-
 def cmd_run(args) -> int:
     configs = _configs(args, [args.method])
     predictions = _outputs(args.predictions, (".csv", ".json"), "--predictions")
     output = _outputs(args.output, (".json",), "--output")
-    exp = run(_folder(args), args.method, _encoder(args), args.kb, configs, n_bootstrap=args.n_bootstrap,
-              template=args.template, **_options(args))
-    _print_metrics(exp)
+    exp = run(method=args.method, kb=args.kb, config=configs, n_bootstrap=args.n_bootstrap, template=args.template,
+              **_inputs(args))
+    m, stats = exp.metrics, exp.images.stats
+    print(f"{exp.result.method}: {_describe(exp)}")
+    print(f"embeddings: {stats.get('hits', 0)} from the store, {stats.get('n_encoded', 0)} encoded")
+    if m is None:
+        print("unlabelled images: no metrics (write the predictions with --predictions)")
+    else:
+        for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+            lo, hi = m[f"{key}_ci"]
+            print(f"  {key:18s} {100 * m[key]:6.2f} %  (95% bootstrap interval {100 * lo:.2f}–{100 * hi:.2f})")
     if predictions:
         write_predictions(predictions, exp)
     if output:
@@ -240,8 +228,8 @@ def cmd_compare(args) -> int:
         raise KPLInputError(f"unknown method(s) {unknown} in --methods; known: {', '.join(METHODS)}")
     configs = _configs(args, methods)
     out = _outputs(args.output, (".csv",), "--output")
-    cmp = compare(_folder(args), methods, _encoder(args), args.kb, configs, reference=args.reference,
-                  n_bootstrap=args.n_bootstrap, template=args.template, **_options(args))
+    cmp = compare(methods=methods, kb=args.kb, config=configs, reference=args.reference, n_bootstrap=args.n_bootstrap,
+                  template=args.template, **_inputs(args))
     first = next(iter(cmp.experiments.values()))
     print(_describe(first))
     table = cmp.table()
@@ -257,7 +245,7 @@ def cmd_encode(args) -> int:
     save = _outputs(args.save, (".pt",), "--save")
     if args.no_cache and save is None:
         raise KPLInputError("kpl encode fills the embedding store; with --no-cache it needs --save FILE.pt")
-    emb = embed_images(_folder(args), _encoder(args), **_options(args))
+    emb = embed_images(**_inputs(args))
     counts = ", ".join(f"{c} {n}" for c, n in emb.folder.counts().items())
     print(f"{len(emb)} images of {emb.folder.name} ({counts or 'unlabelled'}) embedded with {emb.encoder.label}: "
           f"{emb.stats.get('hits', 0)} from the store, {emb.stats.get('n_encoded', 0)} encoded; "
@@ -303,20 +291,18 @@ def write_predictions(path: Path, exp: Experiment) -> None:
     escaped, never a crash); scores are the method's final logits with 9 significant digits, enough to reproduce the
     float32 argmax. Both files are deterministic.
     """
-    folder, names = exp.images.folder, exp.images.class_names
-    labels = folder.labels.tolist() if folder.labels is not None else [None] * len(folder)
-    scores = exp.result.logits.float().tolist()
-    records = [{"path": display_path(p, folder.root), "true_class": None if y is None else names[y],
-                "predicted_class": names[k], "scores": {c: float(f"{v:.9g}") for c, v in zip(names, s)}}
+    folder, names, encoder = exp.images.folder, exp.images.class_names, exp.images.encoder
+    labels = [None] * len(folder) if folder.labels is None else [names[y] for y in folder.labels.tolist()]
+    scores = [[f"{v:.9g}" for v in row] for row in exp.result.logits.float().tolist()]
+    records = [{"path": display_path(p, folder.root), "true_class": y, "predicted_class": names[k],
+                "scores": dict(zip(names, map(float, s)))}
                for p, y, k, s in zip(folder.paths, labels, exp.result.predictions.tolist(), scores)]
-    label = exp.images.encoder.label
     if path.suffix.lower() == ".csv":
         columns = ["path", "true_class", "predicted_class", *[f"score_{c}" for c in names], "encoder"]
-        rows = [[r["path"], r["true_class"] or "", r["predicted_class"], *[f"{r['scores'][c]:.9g}" for c in names],
-                 label] for r in records]
+        rows = [[r["path"], r["true_class"], r["predicted_class"], *s, encoder.label] for r, s in zip(records, scores)]
         text = pd.DataFrame(rows, columns=columns).to_csv(index=False, lineterminator="\n")
     else:
-        text = json.dumps({"encoder": label, "is_standin": exp.images.encoder.is_standin, "class_names": names,
+        text = json.dumps({"encoder": encoder.label, "is_standin": encoder.is_standin, "class_names": names,
                            "predictions": records}, indent=1, ensure_ascii=False) + "\n"
     path.write_text(text, encoding="utf-8", newline="\n")
     path.with_name(path.stem + ".meta.json").write_text(

@@ -148,7 +148,7 @@ def register(subparsers) -> None:
     """Add the ``kb`` command group (validate, import, generate, list) to the ``kpl`` sub-parsers."""
     kb = subparsers.add_parser("kb", help="knowledge bases: validate, import, generate, list",
                                description="Knowledge bases (KPL stage 0): per-class visual descriptions.")
-    sub = kb.add_subparsers(dest="kb_command", metavar="{validate,import,generate,list}", required=True)
+    sub = kb.add_subparsers(dest="kb_command", required=True)
     tokenizer = ("count prompt tokens with this checkpoint's tokenizer (hub id or folder, local files only; default: "
                  "the CLIP tokenizer in KPL_TOKENIZER_DIR; without one the check is skipped with a warning)")
 

@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import ImageDecodeError, KPLInputError, fix
 from ..params import Interval
 from .datasets import ImageFolder, class_folder_aliases, display_path, is_image_name, load_dataset
-from .dicom import DICOM_EXTENSIONS, is_dicom, read_header
 from .images import decode_image, read_bytes
 
 NEAR_THRESHOLD = 2
@@ -59,8 +56,8 @@ class Leaks:
         return "\n".join(lines)
 
 
-def _class_folders(ds: ImageFolder) -> list[Path]:
-    return [(ds.root / (ds.split or "")) / c for c in ds.class_names] if ds.labelled else []
+def _aliases(ds: ImageFolder) -> list[list[Path]]:
+    return class_folder_aliases([ds.root / (ds.split or "") / c for c in ds.class_names]) if ds.labelled else []
 
 
 def find_leaks(dataset: ImageFolder, digests: Sequence | None = None) -> Leaks:
@@ -71,15 +68,13 @@ def find_leaks(dataset: ImageFolder, digests: Sequence | None = None) -> Leaks:
     """
     if dataset.labels is None:
         return Leaks()
-    groups, labels = {}, dataset.labels.tolist()
+    groups, labels = defaultdict(list), dataset.labels.tolist()
     for i, p in enumerate(dataset.paths):
-        if digests is None:
-            with contextlib.suppress(ImageDecodeError):
-                groups.setdefault(hashlib.sha256(read_bytes(p)).digest(), []).append(i)
-        elif digests[i] is not None:
-            groups.setdefault(digests[i], []).append(i)
+        with contextlib.suppress(ImageDecodeError):
+            if (key := hashlib.sha256(read_bytes(p)).digest() if digests is None else digests[i]) is not None:
+                groups[key].append(i)
     cross = [[dataset.paths[i] for i in g] for g in groups.values() if len({labels[i] for i in g}) > 1]
-    return Leaks(cross_class=cross, aliases=class_folder_aliases(_class_folders(dataset)))
+    return Leaks(cross_class=cross, aliases=_aliases(dataset))
 
 
 @dataclass
@@ -118,10 +113,6 @@ class AuditReport:
         return {**asdict(self), "findings": self.findings(), "exit_code": self.exit_code}
 
     def to_text(self, max_items: int = 20) -> str:
-        def listing(title: str, items: list[str]) -> list[str]:
-            more = [f"  ... and {len(items) - max_items} more"] * (len(items) > max_items)
-            return [f"{title}: {len(items) or 'none'}", *(f"  {t}" for t in items[:max_items]), *more]
-
         def across(d: dict) -> str:
             return "ACROSS CLASSES " * d["cross_class"]
 
@@ -131,30 +122,22 @@ class AuditReport:
                  f"images: {self.n_images}" + (f" in {len(self.class_counts)} classes ({counts}){ratio}"
                                                if self.class_counts else ""),
                  "formats: " + ", ".join(f"{m} {n}" for m, n in self.modes.items()),
-                 f"sizes: {self.sizes.get('summary', '-')}",
-                 *listing("unreadable files", [f"{p}: {r}" for p, r in self.unreadable]),
-                 *listing("exact duplicate groups (same bytes)",
-                          [across(g) + " = ".join(g["paths"]) for g in self.exact_duplicates])]
-        if self.near_threshold is not None:
-            lines += listing(f"near-duplicate pairs (pHash within {self.near_threshold} of 64 bits)",
-                             [across(d) + f"{d['a']} ~ {d['b']} ({d['distance']} bits)" for d in self.near_duplicates])
-        lines += [*listing("aliased class folders", [" = ".join(g) for g in self.aliases]),
-                  *listing("empty class folders", self.empty_classes),
-                  *listing("files outside <class>/<image>", self.outside_depth),
-                  *listing("names that are not valid UTF-8", self.non_utf8_names)]
+                 f"sizes: {self.sizes.get('summary', '-')}"]
+        near = (f"near-duplicate pairs (pHash within {self.near_threshold} of 64 bits)",
+                [across(d) + f"{d['a']} ~ {d['b']} ({d['distance']} bits)" for d in self.near_duplicates])
+        for title, items in [("unreadable files", [f"{p}: {r}" for p, r in self.unreadable]),
+                             ("exact duplicate groups (same bytes)",
+                              [across(g) + " = ".join(g["paths"]) for g in self.exact_duplicates]),
+                             *[near] * (self.near_threshold is not None),
+                             ("aliased class folders", [" = ".join(g) for g in self.aliases]),
+                             ("empty class folders", self.empty_classes),
+                             ("files outside <class>/<image>", self.outside_depth),
+                             ("names that are not valid UTF-8", self.non_utf8_names)]:
+            lines += [f"{title}: {len(items) or 'none'}", *(f"  {t}" for t in items[:max_items])]
+            lines += [f"  ... and {len(items) - max_items} more"] * (len(items) > max_items)
         found = self.findings()
         return "\n".join([*lines, f"verdict: {'; '.join(found)} (exit 1)" if found
                           else "verdict: nothing that changes results (exit 0)"])
-
-
-def _format_of(data: bytes, path: Path) -> str:
-    """``"JPEG L"``, ``"PNG RGBA"``, or for DICOM e.g. ``"DICOM MONOCHROME2 12-bit JPEG 2000 Image Compression"``."""
-    if not (is_dicom(data) or path.suffix.lower() in DICOM_EXTENSIONS):
-        with Image.open(io.BytesIO(data)) as im:
-            return f"{im.format} {im.mode}"
-    ds = read_header(data, path)
-    return (f"DICOM {ds.get('PhotometricInterpretation', '?')} {ds.get('BitsStored', '?')}-bit "
-            f"{ds.file_meta.TransferSyntaxUID.name}")
 
 
 def _sizes(sizes: list[tuple[int, int]]) -> dict:
@@ -172,16 +155,13 @@ def _tree_findings(ds: ImageFolder) -> tuple[list[str], list[str]]:
     """(files outside the expected depth, names that are not valid UTF-8) under the dataset's root."""
     base = ds.root / (ds.split or "")
     outside, bad_names = [], []
-    for dirpath, dirnames, filenames in os.walk(ds.root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(ds.root):  # folder links are not followed
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            if any("\udc80" <= c <= "\udcff" for c in name):  # undecodable bytes, kept by Python as surrogates
-                bad_names.append(display_path(p, ds.root))
-            if ds.labelled and name in filenames and not name.startswith(".") and is_image_name(name):
-                rel = os.path.relpath(p, base)
-                if not rel.startswith(os.pardir) and rel.count(os.sep) != 1:
-                    outside.append(display_path(p, ds.root))
+        bad_names += [display_path(os.path.join(dirpath, n), ds.root) for n in dirnames + filenames
+                      if any("\udc80" <= c <= "\udcff" for c in n)]  # undecodable bytes, kept as lone surrogates
+        if ds.labelled and Path(dirpath).is_relative_to(base) and len(Path(dirpath).relative_to(base).parts) != 1:
+            outside += [display_path(os.path.join(dirpath, n), ds.root) for n in filenames
+                        if not n.startswith(".") and is_image_name(n)]
     return sorted(outside), sorted(bad_names)
 
 
@@ -213,17 +193,17 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
     labels = ds.labels.tolist() if ds.labelled else [None] * len(ds)
     rel = [display_path(p, ds.root) for p in ds.paths]
     cls = [None if y is None else ds.class_names[y] for y in labels]
-    modes, sizes, unreadable, by_sha, hashes = Counter(), [], [], {}, {}
+    modes, sizes, unreadable, by_sha, hashes = Counter(), [], [], defaultdict(list), {}
     for i, p in enumerate(tqdm(ds.paths, desc="auditing", unit="img", disable=not progress)):
         try:
             data = read_bytes(p)
             rgb = decode_image(data, p, max_pixels=max_pixels)
-            modes[_format_of(data, p)] += 1
         except ImageDecodeError as exc:
             unreadable.append((rel[i], exc.reason))
             continue
+        modes[rgb.info["source_format"]] += 1
         sizes.append(rgb.size)
-        by_sha.setdefault(hashlib.sha256(data).hexdigest(), []).append(i)
+        by_sha[hashlib.sha256(data).hexdigest()].append(i)
         if near_threshold is not None:
             hashes[i] = int(str(imagehash.phash(rgb, hash_size=8)), 16)
     exact = [{"sha256": sha, "paths": [rel[i] for i in idx], "classes": [cls[i] for i in idx],
@@ -244,8 +224,7 @@ def audit(folder_or_dataset, near_threshold: int | None = NEAR_THRESHOLD, *, spl
     return AuditReport(root=display_path(ds.root), layout="class folders" if ds.labelled else "unlabelled",
                        split=ds.split, n_images=len(ds), class_counts=counts, imbalance_ratio=ratio,
                        modes=dict(modes.most_common()), sizes=_sizes(sizes), unreadable=unreadable,
-                       exact_duplicates=exact, near_duplicates=sorted(near, key=lambda d: (d["distance"], d["a"])),
-                       near_threshold=near_threshold, outside_depth=outside, non_utf8_names=bad_names,
-                       empty_classes=list(ds.dropped_classes),
-                       aliases=[[display_path(p, ds.root) for p in group]
-                                for group in class_folder_aliases(_class_folders(ds))])
+                       exact_duplicates=exact, near_threshold=near_threshold, outside_depth=outside,
+                       near_duplicates=sorted(near, key=lambda d: (d["distance"], d["a"], d["b"])),
+                       non_utf8_names=bad_names, empty_classes=list(ds.dropped_classes),
+                       aliases=[[display_path(p, ds.root) for p in group] for group in _aliases(ds)])

@@ -36,11 +36,9 @@ _ESCAPED = re.compile("[\\\\\x00-\x1f\x7f\udc80-\udcff]")  # backslash, control 
 
 
 def display_path(path, root=None) -> str:
-    """The printable form of ``path``, relative to ``root`` when inside it, with ``/`` separators.
-
-    Reversible (:func:`parse_display_path`): an undecodable byte (the lone surrogate U+DCNN) and a control character
-    become ``\\xNN``, a backslash ``\\\\``.
-    """
+    """The printable form of ``path``, relative to ``root`` when inside it, with ``/`` separators; reversible
+    (:func:`parse_display_path`): an undecodable byte (lone surrogate U+DCNN) or control character becomes ``\\xNN``,
+    a backslash ``\\\\``."""
     text = os.fspath(path)
     if root is not None:
         rel = os.path.relpath(text, root)
@@ -199,8 +197,7 @@ def _check_classes(class_names: list[str], folder: Path) -> None:
 
 def _display_list(class_names: list[str], display_names, folder: Path) -> list[str]:
     if isinstance(display_names, Mapping):
-        unknown = sorted(set(display_names) - set(class_names))
-        if unknown:
+        if unknown := sorted(set(display_names) - set(class_names)):
             raise KPLInputError(f"display_names has keys that are not classes of {display_path(folder)}: {unknown}; "
                                 f"the classes are {class_names}")
         display_names = [display_names.get(c, c) for c in class_names]
@@ -274,9 +271,8 @@ def _class_files(folder: Path, limit, seed, skip_empty, allow_aliases) -> dict[s
                         n_dirs)
         files[e.name] = _sample(found, limit, seed)
         if not found:
-            has = " and ".join([f"{n_other} non-image file(s)"] * bool(n_other)
-                               + [f"{n_dirs} sub-folder(s), not searched"] * bool(n_dirs))
-            empty.append(f"class folder {display_path(e.path)} has no image files" + f" (it has {has})" * bool(has))
+            empty.append(f"class folder {display_path(e.path)} has no image files (it has {n_other} non-image "
+                         f"file(s) and {n_dirs} sub-folder(s))")
     if empty and not skip_empty:
         raise KPLInputError(f"{'; '.join(empty)}. Every class needs images directly inside its folder; add images, "
                             f"or drop the empty class(es) {fix(cli='--skip-empty-classes', python='skip_empty=True')}")
@@ -303,15 +299,13 @@ def load_folder(root, split: str | None = None, display_names=None, limit_per_cl
     display_names : dict or list, optional
         Names used in prompts: dict class -> name (others keep their name), or a list in class order.
     limit_per_class : int, optional
-        A seeded subset of at most this many images per class (of the whole folder when unlabelled):
-        ``random.Random(seed).sample`` of the sorted files, then sorted (the shared data's rule).
-    classes : list of str, optional
-        Read the folder as **unlabelled** images of these classes.
+        At most this many images per class (of the whole folder when unlabelled), by the shared data's rule
+        ``sorted(random.Random(seed).sample(sorted_files, limit))``.
+    classes, labelled :
+        ``labelled=False`` reads every image as unlabelled (classes from ``classes`` or later a knowledge base),
+        ``True`` requires class folders; ``None`` (default) is unlabelled exactly when ``classes`` is given.
     skip_empty, allow_aliases : bool
         Drop empty class folders, accept aliased class folders (each with a warning) instead of failing.
-    labelled : bool, optional
-        ``False``: unlabelled (classes from ``classes`` or later a knowledge base); ``True``: class folders required;
-        ``None``: unlabelled exactly when ``classes`` is given.
     """
     root = Path(root).expanduser()
     if not root.is_dir():

@@ -96,9 +96,9 @@ def _clean(raw: Mapping[str, Any]) -> tuple[dict[str, list[Description]], int, i
     and the numbers of empty strings and duplicates dropped."""
     out: dict[str, list[Description]] = {}
     n_empty = n_dup = 0
+    keys: dict[str, str] = {}  # _name_key -> the first class with it
     for cls, entries in raw.items():
-        twin = next((o for o in out if _name_key(o) == _name_key(cls)), None)
-        if twin is not None:
+        if (twin := keys.setdefault(_name_key(cls), cls)) != cls:
             raise KnowledgeBaseError(f"classes {twin!r} and {cls!r} differ only in case/spacing; a class appears once "
                                      "under its image-folder name: merge them")
         if not isinstance(entries, list):
@@ -162,14 +162,6 @@ def _dataset_classes(dataset: str) -> tuple[str, list[str], dict[str, str], str 
     return ds.name, list(ds.class_names), dict(zip(ds.class_names, ds.display_names)), getattr(info, "modality", None)
 
 
-def _relative(path: Path) -> str:
-    """``path`` relative to the descriptors root when it lies inside it (as provenance records it), else as given."""
-    try:
-        return path.resolve().relative_to(paths.descriptors_root().resolve()).as_posix()
-    except (KPLInputError, ValueError):
-        return str(path)
-
-
 def import_descriptors(path: str | os.PathLike, class_map: Mapping[str, str] | None = None,
                        dataset: str | None = None, class_names: Sequence[str] | None = None,
                        subset: str | None = None, drop_empty_classes: bool = False) -> KnowledgeBase:
@@ -190,7 +182,10 @@ def import_descriptors(path: str | os.PathLike, class_map: Mapping[str, str] | N
     ``drop_empty_classes``: leave out classes without descriptions (``source["dropped_empty_classes"]``), not fail.
     """
     path = Path(path)
-    rel = _relative(path)
+    try:  # provenance records a path under the descriptors root relative to it
+        rel = path.resolve().relative_to(paths.descriptors_root().resolve()).as_posix()
+    except (KPLInputError, ValueError):
+        rel = str(path)
     data = _read_json(path, "descriptor")
     try:
         fmt, raw, display, meta = _recognise(data)

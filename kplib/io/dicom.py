@@ -18,6 +18,7 @@ header value can reach a message, a log or a cache.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,15 @@ PIXEL_TAGS = (
 def is_dicom(data: bytes) -> bool:
     """Whether ``data`` carries the DICOM Part 10 marker: ``b"DICM"`` after the 128-byte preamble."""
     return data[128:132] == b"DICM"
+
+
+def check_size(path: Path, width: int, height: int, limit: int | None, what: str = "") -> None:
+    """The decompression-bomb guard: an image of more than ``limit`` pixels is refused before it is decoded."""
+    if limit is not None and width * height > limit:
+        raise ImageDecodeError(path, f"image too large: {width}×{height} = {width * height} pixels{what} exceeds the "
+                                     f"decompression-bomb limit of {limit} pixels; it was not decoded. If the file is "
+                                     f"trusted, raise the limit {fix(cli='--max-pixels N', python='max_pixels=N')} "
+                                     "or downscale the image")
 
 
 @contextmanager
@@ -72,11 +82,11 @@ def read_header(data: bytes, path):
                 if ds.get(where) is not None:
                     int(ds[where].value)
             where = "the transfer syntax"
-            if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            ds.ensure_file_meta()
+            if "TransferSyntaxUID" not in ds.file_meta:
                 if is_dicom(data):
                     raise ValueError("no transfer syntax")
                 implicit, little = ds.original_encoding
-                ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian if implicit else (
                     pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad headers; quote no value
@@ -91,11 +101,8 @@ def _decoders_hint(pydicom, ts) -> str:
         missing = pydicom.pixels.get_decoder(ts).missing_dependencies
     except NotImplementedError:
         return f"pydicom has no decoder for this transfer syntax ({ts})"
-    installs = []
-    for line in missing:  # e.g. "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
-        names = [n.split(">")[0].split("=")[0].strip() for n in line.partition(" - requires ")[2].split(" and ")]
-        installs.append("pip install " + " ".join({"gdcm": "python-gdcm"}.get(n, n) for n in names
-                                                   if n and n != "numpy"))
+    installs = ["pip install " + " ".join({"gdcm": "python-gdcm"}.get(n, n) for n in re.findall(
+        r"(?:^| and )([\w-]+)", line.partition(" - requires ")[2]) if n != "numpy") for line in missing]
     return "install a decoder that reads it, one of: " + "; ".join(installs) if installs else ""
 
 
@@ -154,10 +161,7 @@ def dicom_to_image(data: bytes, path, max_pixels: int | None = None) -> Image.Im
     rows, cols, photometric = int(ds.Rows), int(ds.Columns), str(ds.get("PhotometricInterpretation", "")).strip()
     if rows < 1 or cols < 1:
         raise ImageDecodeError(path, f"image has no pixels ({cols}×{rows}, DICOM Columns×Rows)")
-    if limit is not None and rows * cols > limit:
-        raise ImageDecodeError(path, f"image too large: {cols}×{rows} = {rows * cols} pixels per DICOM frame exceeds "
-                                     f"the decompression-bomb limit of {limit} pixels; it was not decoded. If the file "
-                                     f"is trusted, raise the limit {fix(cli='--max-pixels N', python='max_pixels=N')}")
+    check_size(path, cols, rows, limit, " per DICOM frame")
     arr, unit = _frame(ds, path), None
     try:
         if photometric in ("MONOCHROME1", "MONOCHROME2") and arr.ndim == 2:
@@ -174,4 +178,7 @@ def dicom_to_image(data: bytes, path, max_pixels: int | None = None) -> Image.Im
     if unit is None:
         raise ImageDecodeError(path, f"unsupported DICOM image: PhotometricInterpretation {photometric or '(none)'} "
                                      f"with {arr.shape[-1] if arr.ndim == 3 else 1} sample(s) per pixel")
-    return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
+    rgb = Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
+    rgb.info["source_format"] = (f"DICOM {photometric} {ds.get('BitsStored', '?')}-bit "
+                                 f"{ds.file_meta.TransferSyntaxUID.name}")
+    return rgb

@@ -94,14 +94,11 @@ class EncoderIdentity:
 
 
 class Encoder:
-    """A frozen CLIP image/text encoder: ``model`` (a ``transformers.CLIPModel``), ``tokenizer``, ``processor``.
+    """A frozen CLIP image/text encoder (a ``transformers.CLIPModel``, its tokenizer and image processor), built by
+    :func:`load_encoder`; ``dtype`` ``"bfloat16"`` runs the forward under autocast."""
 
-    Build it with :func:`load_encoder`. ``device`` is where the forward runs; ``dtype`` is ``"float32"`` or
-    ``"bfloat16"`` (autocast); ``batch_size`` is the default image batch.
-    """
-
-    #: Threads that run the image processor on slices of each batch (Pillow's resize releases the GIL). With the
-    #: forward on a GPU, the processor bounds encoding; set 1 to preprocess in the calling thread.
+    #: Threads that run the image processor on slices of each batch (Pillow's resize releases the GIL); 1: the
+    #: calling thread. With the forward on a GPU, the processor bounds encoding.
     preprocess_threads: int = min(8, os.cpu_count() or 1)
 
     def __init__(self, model: CLIPModel, tokenizer, processor, identity: EncoderIdentity, device="cpu",
@@ -140,12 +137,8 @@ class Encoder:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def namespace(self, kind: str = "image") -> dict:
-        """Everything besides the input that changes an embedding of ``kind`` (``"image"`` or ``"text"``).
-
-        Model name, revision, whether it is the stand-in, dtype and embedding width; for images the preprocessing,
-        for texts the tokenizer digest and context length. The embedding store keys its folders on it; the caller
-        adds what happens before the encoder (e.g. the image decoder's version).
-        """
+        """Everything besides the input that changes an embedding of ``kind`` (``"image"`` or ``"text"``), for the
+        embedding store to key on; the caller adds what happens before the encoder (e.g. the decoder's version)."""
         check("kind", kind, Options("image", "text"))
         ns = {"kind": kind, "model": self.identity.name, "revision": self.identity.revision,
               "is_standin": self.identity.is_standin, "dtype": self.dtype, "embed_dim": self.embed_dim}
@@ -163,11 +156,8 @@ class Encoder:
     @torch.inference_mode()
     def encode_images(self, images: Iterable[Image.Image], batch_size: int | None = None,
                       progress: bool = False) -> Tensor:
-        """Encode PIL images → ``(n, d)`` float32 unit rows, in input order.
-
-        Images are preprocessed by the checkpoint's own processor and run through ``CLIPModel.get_image_features``
-        ``batch_size`` at a time (default: the encoder's). ``images`` may be a generator that decodes files one by one:
-        it is consumed a batch at a time, so memory does not grow with the number of images.
+        """Encode PIL images → ``(n, d)`` float32 unit rows, in input order, ``batch_size`` at a time (default: the
+        encoder's). A generator of images is consumed a batch at a time, so memory does not grow with their number.
         """
         batch_size = self.batch_size if batch_size is None else check("batch_size", batch_size, Interval(int, 1))
         total = len(images) if hasattr(images, "__len__") else None
@@ -204,16 +194,12 @@ class Encoder:
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Number of tokens of each text, start and end tokens included, before truncation."""
-        ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]]
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> Tensor:
-        """Encode texts → ``(n, d)`` float32 unit rows.
-
-        Texts longer than the context (:attr:`context_length` tokens, start and end included) are truncated as CLIP
-        does: the first ``context_length - 1`` tokens and the end token. :meth:`token_lengths` finds them first.
-        """
+        """Encode texts → ``(n, d)`` float32 unit rows. Texts longer than :attr:`context_length` tokens are truncated
+        as CLIP does: the first ``context_length - 1`` tokens and the end token."""
         check("batch_size", batch_size, Interval(int, 1))
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -223,8 +209,7 @@ class Encoder:
             tok = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
                                  max_length=self.context_length, return_tensors="pt").to(self.device)
             with self._autocast():
-                out[i:i + batch_size] = self._unit(self.model.get_text_features(input_ids=tok["input_ids"],
-                                                                                attention_mask=tok["attention_mask"]))
+                out[i:i + batch_size] = self._unit(self.model.get_text_features(tok.input_ids, tok.attention_mask))
         return out
 
 
@@ -236,11 +221,9 @@ def load_encoder(model: str = AUTO, device: str | None = None, dtype: str = "flo
     Parameters
     ----------
     model : str
-        A Hugging Face hub id (e.g. ``"openai/clip-vit-large-patch14-336"``) or a folder saved with
-        ``save_pretrained``, loaded by ``CLIPModel.from_pretrained`` with its own tokenizer and image processor;
-        ``"standin"`` for the untrained stand-in; or ``"auto"``: ``$KPL_MODEL`` (:func:`kplib.paths.default_model`),
-        falling back to the stand-in with a :class:`~kplib.errors.StandInWarning` when it cannot be loaded. An
-        explicit model that cannot be loaded raises :class:`~kplib.errors.KPLInputError`.
+        A Hugging Face hub id or a ``save_pretrained`` folder of a ``CLIPModel`` with its tokenizer and image
+        processor; ``"standin"`` for the untrained stand-in; or ``"auto"``: ``$KPL_MODEL``, falling back to the
+        stand-in with a :class:`~kplib.errors.StandInWarning` when it cannot be loaded (an explicit model raises).
     device : str, optional
         Torch device (default :func:`kplib.paths.default_device`).
     dtype : {"float32", "bfloat16"}
@@ -250,10 +233,9 @@ def load_encoder(model: str = AUTO, device: str | None = None, dtype: str = "flo
 
     Notes
     -----
-    A hub id is looked up in the local Hugging Face cache first; only when it is not there is the hub asked, once and
-    without retries, before downloading, so a machine without network fails within seconds (offline mode,
-    ``HF_HUB_OFFLINE=1``, skips the question). Checkpoints whose weights are missing from or mismatch their files are
-    refused (transformers would fill them with random values).
+    A hub id not in the local Hugging Face cache is asked of the hub once, without retries, so a machine without
+    network fails within seconds (``HF_HUB_OFFLINE=1`` skips the question). Checkpoints with missing or mismatched
+    weights are refused (transformers would fill them with random values).
     """
     check("dtype", dtype, Options(*DTYPES))
     check("batch_size", batch_size, Interval(int, 1))
@@ -276,8 +258,8 @@ def load_encoder(model: str = AUTO, device: str | None = None, dtype: str = "flo
 
 
 def _standin(*args) -> Encoder:
-    """The untrained stand-in: :data:`STANDIN_CONFIG` initialised from seed 0, the OpenAI CLIP tokenizer from
-    :func:`kplib.paths.tokenizer_dir`, OpenAI preprocessing. The global torch RNG is left untouched."""
+    """The untrained stand-in: :data:`STANDIN_CONFIG` from seed 0 (the global torch RNG untouched), the OpenAI CLIP
+    tokenizer from :func:`kplib.paths.tokenizer_dir`, OpenAI preprocessing."""
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(paths.tokenizer_dir()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(STANDIN_SEED)
@@ -297,13 +279,17 @@ def _pretrained(source: str, *args) -> Encoder:
         raise KPLInputError(f"model folder {source!r} not found (or not a folder). Pass a folder saved with "
                             "CLIPModel.save_pretrained, a hub id such as 'openai/clip-vit-base-patch16', or "
                             f"'standin' {fix(cli='--model FOLDER_OR_HUB_ID', python='model=...')}")
-    if (local := _cached_snapshot(source)) is not None:
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(source, "config.json")  # its path when cached (no network)
+    except Exception as exc:  # an invalid repo id
+        raise _cannot_load(source, _first_line(exc)) from exc
+    if isinstance(cached, str):
         try:
-            return _from_pretrained(source, source, _snapshot_commit(local), True, *args)
+            return _from_pretrained(source, source, _snapshot_commit(Path(cached).parent), True, *args)
         except _Unavailable as exc:  # e.g. only some files of the snapshot are cached: ask the hub
             if _offline():
                 raise
-            log.info("cached snapshot %s of %s is incomplete (%s)", local, source, exc)
+            log.info("cached snapshot %s of %s is incomplete (%s)", Path(cached).parent, source, exc)
     return _from_pretrained(source, source, _ask_hub(source), False, *args)  # downloads the commit the hub named
 
 
@@ -350,15 +336,6 @@ def _snapshot_commit(folder: Path) -> str | None:
     """The commit of a Hugging Face cache snapshot folder (``.../snapshots/<40 hex>``), else None."""
     real = folder.resolve()
     return real.name if re.fullmatch(r"[0-9a-f]{40}", real.name) and real.parent.name == "snapshots" else None
-
-
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The local Hugging Face cache snapshot holding ``repo_id``'s config.json (no network), else None."""
-    try:
-        found = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
-    except Exception as exc:  # an invalid repo id
-        raise _cannot_load(repo_id, _first_line(exc)) from exc
-    return Path(found).parent if isinstance(found, str) else None
 
 
 def _offline() -> bool:

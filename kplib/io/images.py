@@ -9,7 +9,8 @@
 - Animated / multi-page files give their first frame, multi-frame DICOM its middle one.
 - Images of more than ``max_pixels`` pixels (decompression bombs) are refused before their pixels are decoded.
 
-Every failure raises :class:`kplib.errors.ImageDecodeError`, whose ``reason`` says what is wrong.
+Every failure raises :class:`kplib.errors.ImageDecodeError`, whose ``reason`` says what is wrong. A decoded image's
+``info["source_format"]`` names what the file held, e.g. ``"PNG RGBA"`` or ``"DICOM MONOCHROME2 12-bit RLE Lossless"``.
 """
 from __future__ import annotations
 
@@ -27,14 +28,12 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError, KPLInputError, fix
 from ..params import Interval
-from .dicom import DICOM_EXTENSIONS, dicom_to_image, is_dicom
+from .dicom import DICOM_EXTENSIONS, check_size, dicom_to_image, is_dicom
 
 log = logging.getLogger("kplib")
 
 #: File names listed as images (case-insensitive); files of other names only with the DICOM marker (UID exports).
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_EXTENSIONS
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_EXTENSIONS)
 #: Names the pixels :func:`decode_image` produces; part of the embedding store's namespace.
 DECODE_VERSION = (
     "kplib-decode-2: first frame (DICOM: middle frame); EXIF transpose; alpha on black; 16/32-bit integer scaled by "
@@ -44,9 +43,8 @@ DECODE_VERSION = (
 _SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
                b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
 _READ_ERRORS = {errno.ENOENT: "file not found", errno.EISDIR: "is a directory, not an image file",
-                errno.EACCES: "permission denied (cannot read the file)",
-                errno.EPERM: "permission denied (cannot read the file)",
-                errno.ELOOP: "symbolic link loop (the link points back to itself)"}
+                errno.ELOOP: "symbolic link loop (the link points back to itself)",
+                **dict.fromkeys((errno.EACCES, errno.EPERM), "permission denied (cannot read the file)")}
 _RAISE = fix(cli="--max-pixels N", python="max_pixels=N")
 _PIL_GUARD = threading.Lock()  # Pillow's bomb limit is a process-wide setting: read and raise it under a lock
 
@@ -118,18 +116,16 @@ def _pillow_decode(data: bytes, path: Path, limit: int | None) -> Image.Image:
             finally:
                 Image.MAX_IMAGE_PIXELS = pil_limit
         with im:
-            if limit is not None and im.width * im.height > limit:
-                raise ImageDecodeError(path, f"image too large: {im.width}×{im.height} = {im.width * im.height} "
-                                             f"pixels exceeds the decompression-bomb limit of {limit} pixels; it was "
-                                             f"not decoded. If the file is trusted, raise the limit {_RAISE} or "
-                                             "downscale the image")
-            im.load()
+            check_size(path, im.width, im.height, limit)
+            im.load()  # Pillow's guard is back for the frames and tiles it checks while loading
             try:
                 oriented = ImageOps.exif_transpose(im)
             except Exception as exc:  # noqa: BLE001 - corrupt EXIF must not cost the pixels; say so
                 log.warning("ignoring the unreadable EXIF orientation of %s (%s)", path, exc)
                 oriented = im
-            return _to_rgb(oriented, path)  # a new, loaded image: detached from the file
+            rgb = _to_rgb(oriented, path)  # a new, loaded image: detached from the file
+            rgb.info["source_format"] = f"{im.format} {im.mode}"
+            return rgb
 
 
 def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Image:
@@ -157,12 +153,9 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
                                      f"decoded. If the file is trusted, raise the limit {_RAISE}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, _unidentified_reason(data)) from None
-    except OSError as exc:
-        if "truncated" in str(exc).lower():
-            raise ImageDecodeError(path, f"truncated image data (the file ends early: {exc})") from None
-        raise ImageDecodeError(path, f"corrupt image data ({exc})") from None
-    except (SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error) as exc:
-        raise ImageDecodeError(path, f"corrupt image data ({type(exc).__name__}: {exc})") from None
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error) as exc:
+        what = "truncated" if "truncated" in str(exc).lower() else "corrupt"  # Pillow: "image file is truncated"
+        raise ImageDecodeError(path, f"{what} image data ({type(exc).__name__}: {exc})") from None
     except MemoryError:
         raise ImageDecodeError(path, "not enough memory to decode the image") from None
 

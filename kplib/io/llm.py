@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -98,7 +99,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def _post(cfg: LLMConfig, payload: dict) -> bytes:
+def _post(cfg: LLMConfig, payload: dict, what: str) -> bytes:
     """One POST; the body of a 2xx reply. Raises _Retryable (worth another try) or LLMError (key redacted)."""
     headers = {"Content-Type": "application/json", "Accept": "application/json",
                **({"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})}
@@ -110,13 +111,12 @@ def _post(cfg: LLMConfig, payload: dict) -> bytes:
         if e.code == 429 or e.code >= 500:
             wait = (e.headers.get("Retry-After") or "").strip() if e.headers else ""
             raise _Retryable(f"HTTP {e.code}", float(wait) if re.fullmatch(r"\d+(\.\d*)?", wait) else None) from None
-        if 300 <= e.code < 400:
-            raise LLMError(f"HTTP {e.code} redirect from {cfg.host}; redirects are not followed (the API key would be "
-                           "resent): set base_url to the final endpoint URL.") from None
         body = ""
         with contextlib.suppress(OSError, http.client.HTTPException):  # the error body itself may be cut short
             body = e.read()[:300].decode("utf-8", "replace").strip()
-        raise LLMError(_redact(f"HTTP {e.code} from {cfg.host}: {body or e.reason}", cfg)) from None
+        detail = ("a redirect, not followed (the API key would be resent): set base_url to the final endpoint URL"
+                  if 300 <= e.code < 400 else body or e.reason)
+        raise LLMError(_redact(f"{what}: HTTP {e.code} from {cfg.host}: {detail}", cfg)) from None
     except (http.client.HTTPException, OSError) as e:  # URLError, a timeout, or a reset/IncompleteRead mid-reply
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         raise _Retryable(f"no answer within timeout={cfg.timeout}s" if isinstance(reason, TimeoutError) else
@@ -133,10 +133,10 @@ def chat_completion(messages: list[dict], cfg: LLMConfig, what: str = "request",
     """
     payload = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
                **({"max_tokens": cfg.max_tokens} if cfg.max_tokens else {})}
-    start, attempt = time.monotonic(), 0
-    while True:
+    start = time.monotonic()
+    for attempt in itertools.count():
         try:
-            body = _post(cfg, payload)
+            body = _post(cfg, payload, what)
             break
         except _Retryable as e:
             reason, retry_after = e.args
@@ -147,12 +147,9 @@ def chat_completion(messages: list[dict], cfg: LLMConfig, what: str = "request",
                 raise LLMError(_redact(f"{what}: {reason} from {cfg.host}; gave up after {attempt + 1} attempt(s) "
                                        f"in {elapsed:.1f}s (max_retries={cfg.max_retries}, max_total_time="
                                        f"{cfg.max_total_time}s).", cfg)) from None
-            attempt += 1
-            log.warning("%s: %s from %s; retry %d/%d in %.2fs", what, _redact(reason, cfg), cfg.host, attempt,
+            log.warning("%s: %s from %s; retry %d/%d in %.2fs", what, _redact(reason, cfg), cfg.host, attempt + 1,
                         cfg.max_retries, wait)
             sleep(wait)
-        except LLMError as e:
-            raise LLMError(_redact(f"{what}: {e}", cfg)) from None
     try:
         reply = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

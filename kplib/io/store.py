@@ -15,6 +15,7 @@ misses. A folder that cannot be written (read-only, disk full) turns writing off
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -113,10 +114,10 @@ class EmbeddingStore:
 
     def get(self, keys: Sequence[bytes]) -> tuple[Tensor, Tensor]:
         """``(found, rows)`` for ``keys``: a bool tensor ``(n,)`` and float32 ``(n, d)`` rows, zeros where not found
-        (``d`` is 0 while the store is empty and the namespace names no ``embed_dim``)."""
+        (``d`` is 0 while the store is empty and the namespace has no ``embed_dim``)."""
         q = _key_array(keys)
         shards = self._shards()
-        out = np.empty((len(q), shards[0].rows.shape[1] if shards else (self._dim or 0)), np.float32)
+        out = np.empty((len(q), self._dim or 0), np.float32)  # _shards() set _dim when there is one
         found = np.zeros(len(q), bool)
         if len(q) and shards:
             qp, q64, todo = _prefix(q), q.view(np.uint64), np.arange(len(q))
@@ -178,10 +179,10 @@ class EmbeddingStore:
         for name in (n for n in names if n not in self._open and n not in self._bad):
             try:
                 keys, rows = (_load_npy(self.folder / f"{name}.{part}.npy") for part in ("keys", "rows"))
-                if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != 32 or not len(keys):
+                if keys.dtype != np.uint8 or keys.shape[1:] != (32,) or not len(keys):
                     raise ValueError(f"keys of dtype {keys.dtype} and shape {keys.shape}, not uint8 (n, 32)")
-                if rows.dtype != np.dtype("<f4") or rows.ndim != 2 or len(rows) != len(keys) or \
-                        rows.shape[1] != (self._dim or rows.shape[1]):
+                if rows.dtype != np.dtype("<f4") or rows.ndim != 2 or \
+                        rows.shape != (len(keys), self._dim or rows.shape[1]):
                     raise ValueError(f"rows of dtype {rows.dtype} and shape {rows.shape} for {len(keys)} keys")
                 prefix = _prefix(keys)
                 if (prefix[1:] < prefix[:-1]).any():
@@ -204,13 +205,11 @@ class EmbeddingStore:
     def _delete(self, name: str) -> None:
         self._open.pop(name, None)
         for part in ("keys", "rows"):  # keys first: rows without keys are never read
-            try:
+            with contextlib.suppress(OSError):
                 (self.folder / f"{name}.{part}.npy").unlink()
-            except OSError:
-                pass
 
     def _write(self, name: str, keys: np.ndarray, dim: int, blocks: Iterable[np.ndarray]) -> None:
-        """Write shard ``name``: the rows block by block (never the whole matrix in memory), then the keys."""
+        """Write shard ``name``: the rows block by block, then the keys."""
         def write_rows(fh) -> None:
             np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False,
                                                       "shape": (len(keys), dim)})
@@ -260,12 +259,10 @@ class EmbeddingStore:
             self._delete(s.name)
         stale = time.time() - _STALE_S
         for p in self.folder.iterdir():  # leftovers of killed writers: temporary files, rows whose keys never came
-            try:
+            with contextlib.suppress(OSError):  # removed meanwhile by another process
                 orphan = p.name.endswith(".rows.npy") and not p.with_name(p.name[:-8] + "keys.npy").exists()
                 if (p.name.endswith(".tmp") or orphan) and p.stat().st_mtime < stale:
                     p.unlink()
-            except OSError:  # removed meanwhile by another process
-                pass
 
     def _disable(self, exc: OSError) -> None:
         if self.writable:
@@ -309,9 +306,8 @@ def _unit_rows(x: np.ndarray) -> bool:
 
 
 def _lookup(shard: _Shard, qp: np.ndarray, q64: np.ndarray, idx: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-    """Find queries ``idx`` in ``shard`` (sorted by prefix, searched, full keys compared) and copy the rows found
-    into ``out``; returns the hit mask over ``idx``, or None (``out`` partly written) if a row is not a finite unit
-    vector."""
+    """Copy the rows of queries ``idx`` found in ``shard`` into ``out``; the hit mask over ``idx``, or None if a row
+    is not a finite unit vector."""
     order = np.argsort(qp[idx])
     sel = idx[order]
     pos = np.minimum(np.searchsorted(shard.prefix, qp[sel]), len(shard.prefix) - 1)

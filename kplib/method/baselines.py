@@ -22,50 +22,29 @@ Concepts", ICCV 2023), inductive: each class is represented by prompts "a photo 
 descriptor}" with random word / random character descriptors in place of LLM-generated descriptions, and the scores
 are averaged over the prompts. :func:`random_descriptors` draws the descriptors (seeded); the pipeline builds and
 encodes the prompts; :func:`waffle_proxies` turns the per-class prompt embeddings :math:`t_{cm}` into proxies
-
-.. math::
-    w_c = \frac{\bar t_c}{\|\bar t_c\|}, \qquad \bar t_c = \frac1{M_c}\sum_m t_{cm},
-
-and :func:`waffle_clip` predicts :math:`\arg\max_c x_i^\top w_c`. With ``normalize=False`` the proxy is
-:math:`\bar t_c` itself, i.e. exactly the paper's average of the cosine scores over the prompts.
+:math:`w_c = \bar t_c / \|\bar t_c\|`, :math:`\bar t_c = \frac1{M_c}\sum_m t_{cm}`, and :func:`waffle_clip` predicts
+:math:`\arg\max_c x_i^\top w_c`. With ``normalize=False`` the proxy is :math:`\bar t_c` itself, i.e. exactly the
+paper's average of the cosine scores over the prompts.
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from string import ascii_lowercase, digits
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import KPLInputError
-from ..params import (
-    Boolean,
-    Interval,
-    Options,
-    check,
-    check_descriptions,
-    check_embeddings,
-    param,
-    unit,
-    validate,
-)
+from ..params import Boolean, Interval, Options, check, check_descriptions, check_embeddings, param, unit, validate
 
-__all__ = [
-    "DESCRIPTOR_KINDS",
-    "BaselineResult",
-    "CLIPDNConfig",
-    "WaffleConfig",
-    "clip_dn",
-    "random_descriptors",
-    "waffle_clip",
-    "waffle_proxies",
-]
+__all__ = ["DESCRIPTOR_KINDS", "BaselineResult", "CLIPDNConfig", "clip_dn", "random_descriptors",
+           "waffle_clip", "waffle_proxies"]
 
 DESCRIPTOR_KINDS = ("mixed", "words", "characters")
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-_CHARACTERS = _LETTERS + "0123456789"
+_CHARACTERS = ascii_lowercase + digits
 
 
 @dataclass
@@ -92,23 +71,6 @@ class CLIPDNConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-
-
-@dataclass(frozen=True)
-class WaffleConfig:
-    """WaffleCLIP's descriptor draw: how many random descriptors per class, how long, of which kind, which seed."""
-
-    n_descriptors: int = param(30, Interval(int, 1), "random descriptors per class (15 word/character pairs)")
-    min_words: int = param(2, Interval(int, 1), "fewest random words in a descriptor")
-    max_words: int = param(5, Interval(int, 1), "most random words in a descriptor")
-    kind: str = param("mixed", Options(*DESCRIPTOR_KINDS), "random words, random characters, or pairs of both")
-    seed: int = param(0, Interval(int, 0), "seed of the descriptor draw (recorded with the result)")
-    normalize: bool = param(True, Boolean(), "unit-norm proxies (False: plain score average as in the paper)")
-
-    def __post_init__(self) -> None:
-        validate(self)
-        if self.min_words > self.max_words:
-            raise KPLInputError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
 
 
 def _mean_vector(value: Any, name: str, dim: int, dtype: torch.dtype) -> Tensor:
@@ -174,8 +136,8 @@ def waffle_clip(x: Tensor, prompt_embeddings: Sequence[Tensor] | Tensor, normali
     return BaselineResult("waffle", proxies, x @ proxies.T, meta)
 
 
-def _word(rng: random.Random, length_range: tuple[int, int], alphabet: str) -> str:
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(*length_range)))
+def _word(rng: random.Random, length_range: tuple[int, int]) -> str:
+    return "".join(rng.choice(ascii_lowercase) for _ in range(rng.randint(*length_range)))
 
 
 def random_descriptors(n: int, n_words: tuple[int, int] = (2, 5), *, kind: str = "mixed",
@@ -203,7 +165,7 @@ def random_descriptors(n: int, n_words: tuple[int, int] = (2, 5), *, kind: str =
     out: list[str] = []
     for i in range(n):
         words = word_counts[i] if word_counts is not None else rng.randint(*n_words)
-        text = " ".join(_word(rng, word_length, _LETTERS) for _ in range(words))
+        text = " ".join(_word(rng, word_length) for _ in range(words))
         as_chars = kind == "characters" or (kind == "mixed" and i % 2 == 1)
         out.append("".join(rng.choice(_CHARACTERS) for _ in range(len(text))) if as_chars else text)
     return out

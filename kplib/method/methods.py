@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import KPLInputError, fix
 from ..params import (K_RULES, MODES, POSITIVE, Boolean, Interval, Options, check, check_descriptions,
-                      check_embeddings, param, unit, validate)
+                      check_embeddings, param, replace, unit, validate)
 from .baselines import CLIPDNConfig, clip_dn as _clip_dn
 from .controls import CONTROLS
 from .proxy import ProxyLearningResult, harden, learn_proxies, predict, pseudo_labels
@@ -42,7 +42,6 @@ from .transclip import TransCLIPConfig, transclip as _transclip
 from .transport import TRANSPORT_METHODS, TransportResult, class_marginal, transport
 
 __all__ = ["TextEmbeddings", "KPLConfig", "MethodResult", "MethodSpec", "METHODS", "run_method"]
-
 
 
 @dataclass
@@ -182,9 +181,10 @@ def zero_shot(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
     return MethodResult("zero_shot", text.class_names, cfg, names.predictions, names.logits, text=names)
 
 
-def descriptor_mean(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
-    """Each class's proxy is the normalised mean of all its descriptions (no retrieval, no learning)."""
-    w = torch.stack([unit(unit(d).mean(dim=0)) for d in _descriptions(x, text)])
+def descriptor_mean(x: Tensor, text: TextEmbeddings, cfg: KPLConfig, descriptions: str | None = None) -> MethodResult:
+    """Each class's proxy is the normalised mean of all its descriptions (no retrieval, no learning). WaffleCLIP
+    (inductive) is this on its random-word prompts, ``descriptions="random_words"`` of ``text.controls``."""
+    w = torch.stack([unit(unit(d).mean(dim=0)) for d in _descriptions(x, text, descriptions)])
     tp = TextProxies(proxies=w, logits=unit(x) @ w.T, scores=[], selected=[])
     return MethodResult("descriptor_mean", text.class_names, cfg, tp.predictions, tp.logits, text=tp)
 
@@ -232,13 +232,6 @@ def kpl(x: Tensor, text: TextEmbeddings, cfg: KPLConfig, descriptions: str | Non
     return _stage2("kpl", unit(x, exact=cfg.mode == "reference"), stage1, cfg, text.class_names, timings)
 
 
-def waffle(x: Tensor, text: TextEmbeddings, cfg: KPLConfig) -> MethodResult:
-    """WaffleCLIP, inductive: each class's proxy averages its random-word prompts (``text.controls``)."""
-    w = torch.stack([unit(unit(d).mean(dim=0)) for d in _descriptions(x, text, "random_words")])
-    tp = TextProxies(proxies=w, logits=unit(x) @ w.T, scores=[], selected=[])
-    return MethodResult("waffle", text.class_names, cfg, tp.predictions, tp.logits, text=tp)
-
-
 def clip_dn(x: Tensor, text: TextEmbeddings, cfg: CLIPDNConfig) -> MethodResult:
     """CLIP-DN: zero-shot with the unlabelled image mean and the text mean partly subtracted (:mod:`.baselines`)."""
     names = _names_proxies(unit(x), text)
@@ -277,7 +270,8 @@ METHODS: dict[str, MethodSpec] = {
                             descriptions=False),
     "descriptor_mean": MethodSpec(descriptor_mean, "all descriptions of a class averaged, no learning", modes=False,
                                   uses=frozenset()),
-    "waffle": MethodSpec(waffle, "WaffleCLIP: random-word prompts averaged, no learning", modes=False, controls=True,
+    "waffle": MethodSpec(partial(descriptor_mean, descriptions="random_words"),
+                         "WaffleCLIP: random-word prompts averaged, no learning", modes=False, controls=True,
                          uses=frozenset({"seed"})),
     "clip_dn": MethodSpec(clip_dn, "CLIP-DN: zero-shot with distribution normalisation", modes=False,
                           config=CLIPDNConfig, descriptions=False),
@@ -309,11 +303,7 @@ def resolve_config(method: str, config: Any = None, **overrides) -> Any:
     validated, the mode's defaults filled in."""
     spec = METHODS[check("method", method, Options(*METHODS))]
     cfg = _pick_config(method, spec, config)
-    valid = [f.name for f in dataclasses.fields(cfg)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise KPLInputError(f"unknown {type(cfg).__name__} field(s) {unknown}; valid fields: {valid}")
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = replace(cfg, **overrides)
     if not isinstance(cfg, KPLConfig):
         return cfg
     if cfg.mode is not None and (not spec.modes or spec.fixed_mode not in (None, cfg.mode)):

@@ -7,12 +7,10 @@ present in ``y_true``), ``f1_score(average="macro", labels=all C classes, zero_d
 **Bootstrap.** A percentile interval over resamples of the test set (N images drawn with replacement). Only the
 pairs (true class, predicted class) of the drawn images matter, and drawing N images with replacement draws each
 of the :math:`C^2` cells with probability :math:`n_{jk}/N`, so the confusion matrix of a resample is exactly
-
-.. math:: \tilde n \sim \mathrm{Multinomial}\big(N, (n_{jk}/N)_{j,k}\big).
-
-One ``multinomial`` call gives every resample in :math:`O(BC^2)`, independent of N — the same distribution as
-drawing image indices (``scipy.stats.bootstrap(..., paired=True, method="percentile")``; ``tests/test_metrics.py``
-compares the two), at N = 27,558 in milliseconds instead of seconds.
+:math:`\tilde n \sim \mathrm{Multinomial}\big(N, (n_{jk}/N)_{j,k}\big)`. One ``multinomial`` call gives every
+resample in :math:`O(BC^2)`, independent of N — the same distribution as drawing image indices
+(``scipy.stats.bootstrap(..., paired=True, method="percentile")``; ``tests/test_metrics.py`` compares the two), at
+N = 27,558 in milliseconds instead of seconds.
 
 **Paired comparison** (:func:`paired_comparison`). Two methods scored on the same images: the accuracy difference
 with a paired bootstrap interval (the same resampled images for both, i.e. a multinomial over the four cells

@@ -1,29 +1,25 @@
 r"""Simulated CLIP-like worlds with known ground truth, for teaching and for testing mechanisms.
 
-Nothing here comes from a real encoder: every world says so (``text.meta["encoder"]``), and numbers computed on it
-illustrate mechanisms; they are never results about CLIP or KPL.
+Nothing here comes from a real encoder (``text.meta["encoder"]`` says so): numbers computed on a world illustrate
+mechanisms, never results about CLIP or KPL. Symbols below are those of the :class:`WorldConfig` field help.
 
-**Frame.** In :math:`\mathbb R^d`, a gap axis :math:`g`, a domain direction :math:`m` (what all images of the dataset
-share, e.g. "chest X-ray") and class directions :math:`\mu_1..\mu_C` are orthonormal, drawn from the seed. Noise
+**Frame.** A gap axis :math:`g`, a domain direction :math:`m` (what every image of the dataset shares, e.g. "chest
+X-ray") and class directions :math:`\mu_1..\mu_C` are orthonormal in :math:`\mathbb R^d`, drawn from the seed. Noise
 vectors :math:`z \sim \mathcal N(0, I/d)` (norm about 1) are projected orthogonally to :math:`g`.
 
-**Images.** Image :math:`i` of class :math:`y_i` has the content
+**Images** of class :math:`y_i`: :math:`v_i = \mathrm{unit}\big(\kappa_I\, m + \tfrac{\delta}{\sqrt d}\,\mu_{y_i} +
+z_i\big)`; :math:`\delta` is the distance of a class mean from the domain centre in within-class standard deviations
+per coordinate (about 3: easy; about 1: hard).
 
-.. math:: v_i = \mathrm{unit}\big(\kappa_I\, m + \tfrac{\delta}{\sqrt d}\,\mu_{y_i} + z_i\big),
-
-with ``image_coherence`` :math:`\kappa_I` and ``class_separation`` :math:`\delta`: the distance of each class mean
-from the domain centre in within-class standard deviations per coordinate (about 3: easy; about 1: hard).
-
-**Class names** (zero-shot prompts, template :math:`\tau`), with ``name_alignment`` :math:`a`:
+**Class names** (zero-shot prompts, template :math:`\tau`):
 
 .. math::
     \nu_c = \kappa_T\, m + a\,\mu_c + (1-a)\, o_c, \qquad n_{c\tau} = \mathrm{unit}(\nu_c + \sigma_n z_{c\tau}),
 
-where :math:`o_c` is what the name means to the encoder instead of the class (``name_confusion``): ``"attractor"``
-— the name of class ``attractor`` means the domain, :math:`o = m` (it sounds like every image, so weak names collapse
-onto it, as CLIP does on medical names), the others unrelated unit directions; ``"unrelated"`` — every
-:math:`o_c` unrelated (weak names, no bias); ``"generic"`` — every :math:`o_c = m`; ``"permuted"`` —
-:math:`o_c = \mu_{c+1}` (systematically wrong names).
+where :math:`o_c`, what the name means to the encoder instead of the class, is set by ``name_confusion``:
+``"attractor"`` — the name of class ``attractor`` means the domain, :math:`o = m` (it sounds like every image, so weak
+names collapse onto it, as CLIP does on medical names), the others unrelated unit directions; ``"unrelated"`` — all
+unrelated (weak names, no bias); ``"generic"`` — all :math:`m`; ``"permuted"`` — :math:`o_c = \mu_{c+1}`.
 
 **Description prompts** ("a photo of a {class}, which has {description}") are a class-name part plus a content part:
 
@@ -32,42 +28,35 @@ onto it, as CLIP does on medical names), the others unrelated unit directions; `
     e_{cj} = s_{cj}\big(r_{cj}\, f_c + \sqrt{1-r_{cj}^2}\; u_{cj}\big) + \sigma_d\,\varepsilon_{cj}, \qquad
     t_{cj} = \mathrm{unit}(p_c + e_{cj}),
 
-with ``name_weight_in_prompt`` :math:`\lambda`; :math:`f_c` the unit part of :math:`\mu_c` orthogonal to
-:math:`\mathrm{span}(m, p_c)` (what the images show of the class and the name does not say already), or :math:`\mu_c`
-itself where the name part spans it (the attractor, generic names); :math:`u_{cj}` a unit direction and
-:math:`\varepsilon_{cj}` noise, both orthogonal to :math:`m`, :math:`p_c` and every :math:`\mu` (wording that tells
-nothing about the images). Relevance :math:`r_{cj}\sim \rho\,U(0.2, 1)` for a ``relevant_fraction`` of the
-descriptions (``relevance_strength`` :math:`\rho`), else 0 (a feature the images do not show). The scale
-:math:`s_{cj} = \sqrt{1 + r_{cj}^2\beta_c^2} - r_{cj}\beta_c`, :math:`\beta_c = \langle p_c, f_c\rangle` (0 unless
-:math:`f_c = \mu_c`), keeps :math:`\|p_c + e_{cj} - \sigma_d\varepsilon_{cj}\|^2 = \|p_c\|^2 + 1` for every
-description, so a more relevant description has a higher mean image similarity (stage 1 ranks it higher).
-With ``relevant_fraction=0`` the descriptions carry no class information (preset pair ``knowledge_informative`` /
-``knowledge_uninformative``: same images, names and stream; only the contents differ).
+with :math:`f_c` the unit part of :math:`\mu_c` orthogonal to :math:`\mathrm{span}(m, p_c)` (what the images show of
+the class and the name does not say already), or :math:`\mu_c` itself where the name part spans it; :math:`u_{cj}` a
+unit direction and :math:`\varepsilon_{cj}` noise, both orthogonal to :math:`m`, :math:`p_c` and every :math:`\mu`
+(wording that tells nothing about the images). A ``relevant_fraction`` of the descriptions has relevance
+:math:`r_{cj}\sim \rho\,U(0.2, 1)`, the others 0 (a feature the images do not show). The scale
+:math:`s_{cj} = \sqrt{1 + r_{cj}^2\beta_c^2} - r_{cj}\beta_c`, :math:`\beta_c = \langle p_c, f_c\rangle`, keeps
+:math:`\|p_c + e_{cj} - \sigma_d\varepsilon_{cj}\|^2 = \|p_c\|^2 + 1`, so a more relevant description has a higher
+mean image similarity (stage 1 ranks it higher). The presets ``knowledge_informative`` / ``knowledge_uninformative``
+share images, names and stream; in the second, ``relevant_fraction=0``, the contents carry no class information.
 
-**Knowledge controls** (``text.controls``; the real-data sets of :mod:`kplib.method.controls`), same counts
-:math:`M_c` as the real descriptions except ``name_only``:
+**Knowledge controls** (``text.controls``, the sets of :mod:`kplib.method.controls`, real counts :math:`M_c`):
+``random_words`` :math:`\mathrm{unit}(p_c + u'_{cj} + \sigma_d\varepsilon'_{cj})`, fresh unrelated contents;
+``shuffled`` :math:`\mathrm{unit}(p_c + e_{c'j'})`, :math:`c' \neq c` (:func:`.controls.shuffled_across_classes`);
+``name_only`` one prompt :math:`\mathrm{unit}(p_c)`; ``generic`` :math:`\mathrm{unit}(p_c + \gamma_j)`,
+:math:`j \le M_c`, the same contents :math:`\gamma_j = u''_j + \sigma_d\varepsilon''_j` (orthogonal to :math:`m`,
+every :math:`\mu` and every :math:`p_c`) for every class.
 
-* ``random_words``: :math:`\mathrm{unit}(p_c + u'_{cj} + \sigma_d\varepsilon'_{cj})`, fresh unrelated contents;
-* ``shuffled``: :math:`\mathrm{unit}(p_c + e_{c'j'})` with :math:`c' \neq c`, contents drawn from the other classes
-  by :func:`kplib.method.controls.shuffled_across_classes` (seeded);
-* ``name_only``: one prompt :math:`\mathrm{unit}(p_c)`, the empty description;
-* ``generic``: :math:`\mathrm{unit}(p_c + \gamma_j)`, :math:`j \le M_c`, the same contents
-  :math:`\gamma_j = u''_j + \sigma_d\varepsilon''_j` (orthogonal to :math:`m`, every :math:`\mu` and every
-  :math:`p_c`) for every class.
-
-**Modality gap** (Liang et al., "Mind the Gap", NeurIPS 2022). Every content :math:`x` (unit, orthogonal to
-:math:`g`) is placed in its modality's cone, :math:`\mathrm{unit}(h g + \sqrt{1-h^2}\,x)` for images and
-:math:`\mathrm{unit}(-h g + \sqrt{1-h^2}\,x)` for texts, with :math:`h` solved so that the distance between the
-image mean and the mean of the world's texts (name prompts and descriptions) is exactly ``gap``. Rough published
-figures behind the defaults (stated from memory): about 0.82 for CLIP ViT-B/32 on MSCOCO; a matching image-caption
-cosine about 0.3; unrelated images of one dataset at cosine 0.5 and above (the "cone effect").
+**Modality gap** (Liang et al., "Mind the Gap", NeurIPS 2022). Every content :math:`x` (unit, :math:`\perp g`) is
+placed in its modality's cone, :math:`\mathrm{unit}(\pm h g + \sqrt{1-h^2}\,x)` (+ images, − texts), with :math:`h`
+solved so that the mean image and the mean text (name prompts and descriptions) are exactly ``gap`` apart. Rough
+published figures behind the defaults (from memory): a gap of about 0.82 for CLIP ViT-B/32 on MSCOCO, matching
+image-caption cosines about 0.3, unrelated images of one dataset at 0.5 and above (the "cone effect");
 :func:`describe_world` measures these on a world.
 
-**Priors**: balanced, a sequence, or ``imbalance`` :math:`r = p_0/p_{C-1}` with :math:`p_c \propto r^{-c/(C-1)}`;
-counts are exact (largest-remainder rounding of :math:`N p`), image order shuffled. The attractor's bias in a text
-score does not shrink with ``dim`` while the class signal does (like :math:`1/\sqrt d`); the presets are tuned for
-``dim=512``. All randomness comes from one ``torch.Generator`` seeded with ``seed`` (the controls are drawn after
-everything else, so they do not change the world); ``params`` records every setting.
+**Priors**: balanced, a sequence, or ``imbalance`` :math:`r = p_0/p_{C-1}` (:func:`class_priors`); counts are exact
+(largest-remainder rounding of :math:`N p`), image order shuffled. The attractor's bias in a text score does not
+shrink with ``dim`` while the class signal does (like :math:`1/\sqrt d`): the presets are tuned for ``dim=512``. All
+randomness comes from one ``torch.Generator`` seeded with ``seed`` (the controls are drawn last, so they do not change
+the world); ``params`` records every setting.
 """
 from __future__ import annotations
 
@@ -81,7 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import KPLInputError
-from ..params import Interval, Options, check, param, validate
+from ..params import Interval, Options, check, check_marginal, check_matrix, param, replace, validate
 from .controls import shuffled_across_classes
 from .methods import TextEmbeddings
 
@@ -125,11 +114,8 @@ class WorldConfig:
         validate(self)
         c = self.n_classes
         check("dim", self.dim, Interval(int, 2 * c + 3))  # room for g, m, the mu_c, the names and the contents
-        if self.n_images < c:
-            raise KPLInputError(f"n_images ({self.n_images}) must be at least n_classes ({c}) so every class has "
-                                "an image")
-        if self.attractor >= c:
-            raise KPLInputError(f"attractor must be a class index in [0, {c}), got {self.attractor}")
+        check("n_images (one image per class at least)", self.n_images, Interval(int, c))
+        check("attractor (a class index)", self.attractor, Interval(int, 0, c - 1))
         m = [self.n_descriptions] * c if isinstance(self.n_descriptions, int) else self.n_descriptions
         if not hasattr(m, "__len__") or len(m) != c:
             raise KPLInputError(f"n_descriptions must be an integer or {c} integers (one per class), got {m!r}")
@@ -164,10 +150,8 @@ class SimulatedWorld:
 
 
 def class_priors(n_classes: int, priors: Any = None, imbalance: float | None = None) -> Tensor:
-    """Class priors (float64, sum 1): balanced, a sequence of weights, or geometric decay with ratio ``imbalance``.
-
-    ``imbalance = r`` gives :math:`p_c \\propto r^{-c/(C-1)}`: class 0 the most, class C-1 the least frequent.
-    """
+    """Class priors (float64, sum 1): balanced, a sequence of weights, or ``imbalance`` :math:`r`:
+    :math:`p_c \\propto r^{-c/(C-1)}`, class 0 the most, class C-1 the least frequent."""
     check("n_classes", n_classes, Interval(int, 2))
     is_sequence = priors is not None and not isinstance(priors, str)
     if imbalance is not None:
@@ -179,12 +163,7 @@ def class_priors(n_classes: int, priors: Any = None, imbalance: float | None = N
         if priors not in (None, "balanced"):
             raise KPLInputError(f"priors must be None, 'balanced' or {n_classes} weights, got {priors!r}")
         return torch.full((n_classes,), 1.0 / n_classes, dtype=torch.float64)
-    p = torch.as_tensor(priors, dtype=torch.float64).flatten()
-    if p.numel() != n_classes:
-        raise KPLInputError(f"priors has {p.numel()} entries but n_classes = {n_classes}; give one weight per class")
-    if not torch.isfinite(p).all() or (p <= 0).any():
-        raise KPLInputError("priors must be positive finite weights (every class needs images)")
-    return p / p.sum()
+    return check_marginal(priors, n_classes, "priors")
 
 
 def _exact_counts(n: int, p: Tensor) -> Tensor:
@@ -198,13 +177,8 @@ def _exact_counts(n: int, p: Tensor) -> Tensor:
 
 def modality_gap(image_embeddings: Tensor, text_embeddings: Tensor) -> tuple[Tensor, float]:
     """Gap vector ``mean(images) - mean(texts)`` and its norm (Liang et al. 2022's :math:`\\|\\Delta_{gap}\\|`)."""
-    for name, t in (("image_embeddings", image_embeddings), ("text_embeddings", text_embeddings)):
-        if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[0] == 0:
-            raise KPLInputError(f"{name} must be a non-empty (n, d) tensor, got {getattr(t, 'shape', type(t))}")
-    if image_embeddings.shape[1] != text_embeddings.shape[1]:
-        raise KPLInputError(f"image_embeddings have d={image_embeddings.shape[1]} but text_embeddings "
-                            f"d={text_embeddings.shape[1]}")
-    gap = image_embeddings.mean(0) - text_embeddings.mean(0)
+    x = check_matrix(image_embeddings, "image_embeddings")
+    gap = x.mean(0) - check_matrix(text_embeddings, "text_embeddings", cols=x.shape[1]).mean(0)
     return gap, float(gap.norm())
 
 
@@ -308,11 +282,7 @@ def _solve_h(gap: float | None, content_gap: float) -> float:
 
 def make_world(config: WorldConfig | None = None, **overrides: Any) -> SimulatedWorld:
     """Build a :class:`SimulatedWorld` from ``config`` (default :class:`WorldConfig`) with ``overrides`` applied."""
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(WorldConfig)})
-    if unknown:
-        raise KPLInputError(f"unknown simulator setting(s) {unknown}; the settings are the WorldConfig fields "
-                            f"{[f.name for f in dataclasses.fields(WorldConfig)]}")
-    cfg = dataclasses.replace(config or WorldConfig(), **overrides)
+    cfg = replace(config or WorldConfig(), **overrides)
     c, n, d = cfg.n_classes, cfg.n_images, cfg.dim
     s = _Stream(cfg.seed, d, c)
     p = class_priors(c, cfg.priors, cfg.imbalance)
@@ -372,9 +342,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset(name: str, **overrides: Any) -> SimulatedWorld:
     """A named world of the book (:data:`PRESETS`); ``overrides`` replace preset settings (e.g. ``seed``)."""
-    if name not in PRESETS:
-        raise KPLInputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    world = make_world(**{**PRESETS[name], **overrides})
+    world = make_world(**{**PRESETS[check("preset", name, Options(*PRESETS))], **overrides})
     world.params["preset"] = name
     return world
 

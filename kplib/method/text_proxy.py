@@ -31,6 +31,7 @@ details" 2, 4, 5):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -65,10 +66,7 @@ def kept_per_class(k: int, sizes: Sequence[int], rule: str, class_names: Sequenc
     """
     if rule == "per_class":
         return [min(k, m) for m in sizes]
-    kept, running = [], k
-    for m in sizes:
-        running = min(running, m)
-        kept.append(running)
+    kept = list(accumulate(sizes, min, initial=k))[1:]
     if len(set(kept)) > 1:
         c = next(i for i in range(1, len(kept)) if kept[i] < kept[i - 1])
         name = repr(class_names[c]) if class_names is not None else str(c)

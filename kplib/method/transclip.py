@@ -2,31 +2,28 @@ r"""TransCLIP (Zanella, Gérin & Ben Ayed, "Boosting Vision-Language Models with
 
 Every unlabelled image :math:`x_i` (unit row, :math:`i = 1..N`) gets a soft assignment :math:`z_i` on the simplex of
 the :math:`C` classes of the class list. The text side enters only through the zero-shot predictions
-
-.. math::
-    \hat y_i = \operatorname{softmax}\big(x_i^\top t_c / T\big)_{c=1..C},
-
-with :math:`t_c` the unit text class embeddings and :math:`T` CLIP's temperature. TransCLIP minimises, over the
-assignments :math:`z`, class means :math:`\mu_c` and one **shared diagonal** covariance
-:math:`\Sigma = \operatorname{diag}(\sigma^2)`,
+:math:`\hat y_i = \operatorname{softmax}(x_i^\top t_c / T)_{c=1..C}`, with :math:`t_c` the unit text class embeddings
+and :math:`T` CLIP's temperature. TransCLIP minimises, over the assignments :math:`z`, class means :math:`\mu_c` and
+one **shared diagonal** covariance :math:`\Sigma = \operatorname{diag}(\sigma^2)`,
 
 .. math::
     \mathcal L(z, \mu, \sigma^2) =
     \underbrace{-\beta \sum_i \sum_c z_{ic} \log p_{ic}}_{\text{Gaussian mixture}}
     \; \underbrace{- \frac{\eta}{k} \sum_i \sum_{j \in \mathcal N_k(i)} w_{ij}\, z_i^\top z_j}_{\text{Laplacian}}
-    \; + \underbrace{\sum_i \big(z_i^\top \log z_i - \lambda\, z_i^\top \log \hat y_i\big)}_{\mathrm{KL}_\lambda(z_i\,\|\,\hat y_i)},
+    \; + \underbrace{\sum_i \big(z_i^\top \log z_i - \lambda\, z_i^\top \log \hat y_i\big)}
+        _{\mathrm{KL}_\lambda(z_i\,\|\,\hat y_i)},
 
     \log p_{ic} = -\tfrac12 \sum_{e=1}^{d} \Big(\frac{(x_{ie} - \mu_{ce})^2}{\sigma^2_e} + \log \sigma^2_e\Big)
     \quad (\text{the constant } -\tfrac d2 \log 2\pi \text{ dropped}),
 
 where :math:`\mathcal N_k(i)` are the :math:`k` nearest neighbours of image :math:`i` (cosine, itself excluded) and
-:math:`w_{ij} = x_i^\top x_j`. The graph is kept as an :math:`(N, k)` index/weight pair (:class:`KNNGraph`), built in
-row blocks with top-:math:`k`: never a dense :math:`N \times N` matrix.
+:math:`w_{ij} = x_i^\top x_j`, kept as an :math:`(N, k)` index/weight pair (:class:`KNNGraph`), never a dense
+:math:`N \times N` matrix.
 
-**Block majorize-minimize.** With :math:`W` symmetrised, :math:`S = (W + W^\top)/2`, the Laplacian term is
-:math:`-\frac{\eta}{k}\sum_c z_{\cdot c}^\top S\, z_{\cdot c}`; linearising it at the current :math:`z^{(l)}` and
-keeping the entropy exactly decouples the images, and the minimiser of the bound is a softmax (the paper's
-multiplicative update :math:`z_i \propto \hat y_i^{\lambda} \odot \exp(\cdot)`):
+**Block majorize-minimize.** With :math:`S = (W + W^\top)/2` the Laplacian term is
+:math:`-\frac{\eta}{k}\sum_c z_{\cdot c}^\top S\, z_{\cdot c}`; linearising it at the current :math:`z^{(l)}`, the
+entropy kept exact, decouples the images, and the minimiser of the bound is a softmax (the paper's multiplicative
+update):
 
 .. math::
     z_i^{(l+1)} \propto \hat y_i^{\,\lambda} \odot
@@ -38,45 +35,32 @@ Given :math:`z`, the means and the shared diagonal variance have closed forms (e
     \mu_c = \frac{\sum_i z_{ic} x_i}{\sum_i z_{ic}}, \qquad
     \sigma^2_e = \frac1N \sum_i \sum_c z_{ic} (x_{ie} - \mu_{ce})^2 .
 
-Each outer iteration runs ``n_inner`` z-updates, then the :math:`\mu` and :math:`\sigma^2` updates, so
-:math:`\mathcal L` never increases when the linearised term is a majorizer. That holds when :math:`S` is positive
-semi-definite (the full cosine Gram is); for the kNN truncation the entropy's curvature (negative entropy is
-1-strongly convex in :math:`\ell_1` on the simplex) still guarantees a non-increasing z-step whenever
-:math:`\frac{\eta}{k}\max(0, -\lambda_{\min}(S)) \le \frac12`.
+Each outer iteration runs ``n_inner`` z-updates, then these two, so :math:`\mathcal L` never increases while the
+linearised term majorizes: always when :math:`S` is positive semi-definite (the full cosine Gram is), and for the kNN
+truncation whenever :math:`\frac{\eta}{k}\max(0, -\lambda_{\min}(S)) \le \frac12` (negative entropy is 1-strongly
+convex in :math:`\ell_1` on the simplex).
 
-Defaults (:class:`TransCLIPConfig`): :math:`\lambda = 1`, :math:`k = 3` neighbours, 10 outer iterations, text
-predictions at CLIP's logit scale 100 (:math:`T = 0.01`) and initial means from the 8 most confident images per class
-are the zero-shot settings of the authors' public release (the paper's equations do not fix them). :math:`\beta = 1/50`
-and :math:`\eta = 1/2` (i.e. :math:`\frac{1}{2k}(W + W^\top)z` inside the update) are the scales that release applies
-in its z-update, which the paper's equations leave implicit; 5 inner z-updates is our choice. The initial means are
-the :math:`\hat y`-weighted means of those 8 images, the initial variance :math:`1/d` per dimension. Unlike the public
-implementation we do not rescale the means to unit norm after each update: that step is not a minimiser of
-:math:`\mathcal L`, and without it the solution satisfies the fixed-point equations above (tested). The balance of
-the terms depends on the geometry: where the image clusters are weak relative to the margins of the text logits (as
-in the simulator's worlds) the KL term dominates and TransCLIP stays close to zero-shot unless :math:`\beta` is raised.
+**Defaults** (:class:`TransCLIPConfig`). The authors' public zero-shot release fixes what the paper's equations leave
+open: :math:`\lambda = 1`, :math:`k = 3`, 10 outer iterations, :math:`T = 0.01` (logit scale 100), initial means
+the :math:`\hat y`-weighted means of the 8 most confident images per class, and the z-update scales
+:math:`\beta = 1/50`, :math:`\eta = 1/2` (i.e. :math:`\frac{1}{2k}(W + W^\top)z`); 5 inner z-updates is our choice,
+the initial variance :math:`1/d` per dimension. Unlike the release we do not rescale the means to unit norm after each
+update: that step does not minimise :math:`\mathcal L`, and without it the solution satisfies the fixed-point
+equations above (tested). Where the image clusters are weak relative to the margins of the text logits (as in the
+simulator's worlds) the KL term dominates and TransCLIP stays close to zero-shot unless :math:`\beta` is raised.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import KPLInputError, fix
-from ..params import Interval, check_embeddings, check_matrix, param, unit, validate
+from ..params import Interval, check_embeddings, check_matrix, param, replace, unit, validate
 
-__all__ = [
-    "KNNGraph",
-    "TransCLIPConfig",
-    "TransCLIPResult",
-    "gaussian_log_likelihood",
-    "knn_graph",
-    "transclip",
-    "transclip_m_step",
-    "transclip_objective",
-    "transclip_z_update",
-]
+__all__ = ["KNNGraph", "TransCLIPConfig", "TransCLIPResult", "gaussian_log_likelihood", "knn_graph", "transclip",
+           "transclip_m_step", "transclip_objective", "transclip_z_update"]
 
 _VAR_FLOOR = 1e-10  # a fixed floor keeps the variance update an exact (constrained) minimiser
 
@@ -142,8 +126,6 @@ def knn_graph(x: Tensor, k: int = 3, block_elements: int = 1 << 24) -> KNNGraph:
     k = max(min(int(k), n - 1), 0)
     best_v = torch.full((n, k), -float("inf"), dtype=x.dtype)
     best_i = torch.zeros((n, k), dtype=torch.long)
-    if k == 0:
-        return KNNGraph(best_i, best_v)
     b = max(1, min(n, int(block_elements**0.5)))
     for a0 in range(0, n, b):
         a1 = min(n, a0 + b)
@@ -198,8 +180,6 @@ def transclip_objective(x: Tensor, z: Tensor, means: Tensor, variances: Tensor, 
 
 def _z_step(z: Tensor, base: Tensor, graph: KNNGraph, eta_k: float) -> Tensor:
     """One decoupled z-update: ``softmax(base + eta/k (W + W^T) z)``, base = λ log ŷ + β log p."""
-    if graph.k == 0 or eta_k == 0.0:
-        return torch.softmax(base, dim=1)
     return torch.softmax(base + eta_k * (graph.matvec(z) + graph.rmatvec(z)), dim=1)
 
 
@@ -256,11 +236,7 @@ def _resolve(config: TransCLIPConfig | None, overrides: dict) -> TransCLIPConfig
     cfg = config or TransCLIPConfig()
     if not isinstance(cfg, TransCLIPConfig):
         raise KPLInputError(f"config must be a TransCLIPConfig, got {type(cfg).__name__}")
-    known = {f.name for f in dataclasses.fields(TransCLIPConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise KPLInputError(f"unknown TransCLIP parameter(s) {unknown}; known: {sorted(known)}")
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    return replace(cfg, **overrides)
 
 
 def _text_log_probs(x: Tensor, text: Tensor | None, logits: Tensor | None, temperature: float) -> Tensor:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import KPLInputError, fix
-from ..params import Interval, Options, check, check_marginal, check_matrix
+from ..params import POSITIVE, Interval, Options, check, check_marginal, check_matrix
 
 __all__ = ["TransportResult", "transport", "TRANSPORT_METHODS", "class_marginal"]
 
@@ -136,8 +136,7 @@ def _semidual(logits: Tensor, tau_t: float, q: Tensor, tol: float, max_iter: int
                                               stopThr=1e-20, numItermax=max_iter, log=True)
     coupling = torch.from_numpy(np.ascontiguousarray(plan.T))
     row, col = _errors(coupling, q)
-    res = log["res"]
-    return TransportResult(_rows_to_one(coupling, logits.dtype), int(res.nit), col <= tol, row, col, "semidual")
+    return TransportResult(_rows_to_one(coupling, logits.dtype), int(log["res"].nit), col <= tol, row, col, "semidual")
 
 
 def _pot_sinkhorn(logits: Tensor, tau_t: float, q: Tensor, tol: float, max_iter: int, method: str, **_):
@@ -192,10 +191,10 @@ def transport(logits: Tensor, tau_t: float = 0.01, class_marginal: Tensor | None
         Tolerance on the class-marginal error and iteration budget of the solvers that run to convergence.
     """
     logits = check_matrix(logits, "text_logits")
-    check("tau_t", tau_t, Interval(float, 0, None, closed="neither"))
+    check("tau_t", tau_t, POSITIVE)
     check("transport method", method, Options(*TRANSPORT_METHODS))
     check("iters_ot", iters, Interval(int, 0))
-    check("ot_tol", tol, Interval(float, 0, None, closed="neither"))
+    check("ot_tol", tol, POSITIVE)
     check("ot_max_iter", max_iter, Interval(int, 1))
     c = logits.shape[1]
     q = torch.full((c,), 1.0 / c, dtype=torch.float64) if class_marginal is None else check_marginal(class_marginal, c)
@@ -231,9 +230,7 @@ def class_marginal(p0: Tensor, rule: str = "uniform", gamma: float = 0.0, max_it
     q = torch.full((c,), 1.0 / c, dtype=torch.float64)
     for _ in range(max_iter):
         post = post0 * q
-        new = (post / post.sum(dim=1, keepdim=True)).mean(dim=0)
-        done = (new - q).abs().max().item() < tol
-        q = new
-        if done:
+        q, previous = (post / post.sum(dim=1, keepdim=True)).mean(dim=0), q
+        if (q - previous).abs().max().item() < tol:
             break
     return q
