@@ -18,11 +18,13 @@ import logging
 import os
 import pickle
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -95,7 +97,8 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     """Encode every image of ``dataset`` (a registered name, a folder or an :class:`ImageFolder`).
 
     Files go through in chunks: read once, keyed by the sha256 of their bytes, looked up in the embedding store, and
-    only misses are decoded (``max_pixels``: the decompression-bomb limit) and encoded; new rows are stored.
+    only misses are decoded (in :attr:`Encoder.preprocess_threads` threads; ``max_pixels``: the decompression-bomb
+    limit) and encoded; new rows are stored.
     ``on_error="stop"`` raises one error listing every unreadable file (chunks encoded before the first failure stay
     stored); ``"skip"`` leaves them out, in ``folder.skipped``. Byte-identical files under different classes are
     reported (a labelling leak).
@@ -106,7 +109,15 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     store = EmbeddingStore({**encoder.namespace("image"), "decode": DECODE_VERSION}) if cache else None
     out = torch.zeros(len(folder), encoder.embed_dim)  # rows are written in place: no per-chunk tensors kept
     keys, bad, encoded = [None] * len(folder), [], 0
-    with tqdm(total=len(folder), desc=f"embedding {folder.name}", unit="img", disable=not progress) as bar:
+
+    def decode(i: int) -> Image.Image | ImageDecodeError:
+        try:
+            return decode_image(datas[i], folder.paths[i], max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            return exc
+
+    with (tqdm(total=len(folder), desc=f"embedding {folder.name}", unit="img", disable=not progress) as bar,
+          ThreadPoolExecutor(encoder.preprocess_threads) as pool):
         for start in range(0, len(folder), _CHUNK):
             datas = {}
             for i, path in enumerate(folder.paths[start:start + _CHUNK], start):
@@ -121,11 +132,11 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
                 out[[i for i, f in zip(todo, found.tolist()) if f]] = rows[found]
                 todo = [i for i, f in zip(todo, found.tolist()) if not f]
             images = {}
-            for i in todo:
-                try:
-                    images[i] = decode_image(datas[i], folder.paths[i], max_pixels=max_pixels)
-                except ImageDecodeError as exc:
-                    bad.append((folder.paths[i], exc.reason))
+            for i, image in zip(todo, pool.map(decode, todo)):  # in order; Pillow's decoders release the GIL
+                if isinstance(image, ImageDecodeError):
+                    bad.append((folder.paths[i], image.reason))
+                else:
+                    images[i] = image
             if images and not (strict and bad):  # strict mode encodes nothing once a file failed
                 out[list(images)] = new = encoder.encode_images(list(images.values()))
                 if store is not None:

@@ -184,6 +184,21 @@ def test_undecodable_images_stop_with_every_file_listed_or_are_skipped_once(fold
     assert emb.folder.describe()["n_images"] == 12 and len(emb.folder.describe()["skipped"]) == 2
 
 
+def test_decoding_in_threads_keeps_every_row_and_failure_in_order(folder, standin, monkeypatch):
+    """embed_images decodes each chunk in Encoder.preprocess_threads threads: same rows, same failures, same order."""
+    (folder / "val" / "beta" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "val" / "alpha" / "b_report.jpg").write_bytes(b"Patient report: no findings.\n")
+    runs = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(standin, "preprocess_threads", threads)
+        emb = embed_images(str(folder), standin, cache=False, on_error="skip")
+        runs[threads] = emb
+        decoded = [decode_image(read_bytes(p), p) for p in emb.paths]
+        assert torch.equal(emb.embeddings, standin.encode_images(decoded)), threads  # row i is file i
+    assert runs[1].paths == runs[3].paths and torch.equal(runs[1].embeddings, runs[3].embeddings)
+    assert runs[1].folder.skipped == runs[3].folder.skipped and len(runs[3].folder.skipped) == 2
+
+
 def test_limit_per_class_and_bad_inputs(folder, standin, tmp_path):
     emb = embed_images(load_dataset(str(folder), limit_per_class=2, seed=1), standin)
     assert emb.folder.counts() == {c: 2 for c in CLASSES}

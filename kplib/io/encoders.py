@@ -97,8 +97,9 @@ class Encoder:
     """A frozen CLIP image/text encoder (a ``transformers.CLIPModel``, its tokenizer and image processor), built by
     :func:`load_encoder`; ``dtype`` ``"bfloat16"`` runs the forward under autocast."""
 
-    #: Threads that run the image processor on slices of each batch (Pillow's resize releases the GIL); 1: the
-    #: calling thread. With the forward on a GPU, the processor bounds encoding.
+    #: Threads that prepare images: :func:`kplib.pipeline.embed_images` decodes files in them, and the image
+    #: processor runs on slices of each batch (Pillow's decoders and resize release the GIL); 1: one at a time.
+    #: With the forward on a GPU, decoding and the processor bound encoding.
     preprocess_threads: int = min(8, os.cpu_count() or 1)
 
     def __init__(self, model: CLIPModel, tokenizer, processor, identity: EncoderIdentity, device="cpu",
