@@ -182,6 +182,6 @@ def check_marginal(q: Any, n: int, name: str = "class_marginal") -> Tensor:
         raise KPLInputError(f"{name} must have {n} entries (one per class), got {q.numel()}")
     if not torch.isfinite(q).all() or (q <= 0).any():
         zero = torch.nonzero(~(q > 0)).flatten().tolist()
-        raise KPLInputError(f"{name} must be finite and strictly positive (transport cannot send mass to a class "
-                            f"of share 0); class index(es) {zero} are not")
+        raise KPLInputError(f"{name} must be finite and strictly positive (a class of share 0 can hold no image); "
+                            f"class index(es) {zero} are not")
     return q / q.sum()

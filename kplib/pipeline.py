@@ -92,6 +92,14 @@ class EmbeddingSet:
             raise KPLInputError(f"{path} is not an embedding file written by EmbeddingSet.save ({exc})") from None
 
 
+def _decode(data: bytes, path: Path, max_pixels: int | None) -> Image.Image | ImageDecodeError:
+    """:func:`decode_image`, with its error returned instead of raised (a thread pool's map stops at a raise)."""
+    try:
+        return decode_image(data, path, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return exc
+
+
 def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: str = "stop", progress: bool = False,
                  max_pixels: int | None = None) -> EmbeddingSet:
     """Encode every image of ``dataset`` (a registered name, a folder or an :class:`ImageFolder`).
@@ -109,13 +117,6 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
     store = EmbeddingStore({**encoder.namespace("image"), "decode": DECODE_VERSION}) if cache else None
     out = torch.zeros(len(folder), encoder.embed_dim)  # rows are written in place: no per-chunk tensors kept
     keys, bad, encoded = [None] * len(folder), [], 0
-
-    def decode(i: int) -> Image.Image | ImageDecodeError:
-        try:
-            return decode_image(datas[i], folder.paths[i], max_pixels=max_pixels)
-        except ImageDecodeError as exc:
-            return exc
-
     with (tqdm(total=len(folder), desc=f"embedding {folder.name}", unit="img", disable=not progress) as bar,
           ThreadPoolExecutor(encoder.preprocess_threads) as pool):
         for start in range(0, len(folder), _CHUNK):
@@ -132,7 +133,9 @@ def embed_images(dataset, encoder: Encoder | str, cache: bool = True, on_error: 
                 out[[i for i, f in zip(todo, found.tolist()) if f]] = rows[found]
                 todo = [i for i, f in zip(todo, found.tolist()) if not f]
             images = {}
-            for i, image in zip(todo, pool.map(decode, todo)):  # in order; Pillow's decoders release the GIL
+            decoded = pool.map(_decode, [datas[i] for i in todo], [folder.paths[i] for i in todo],
+                               [max_pixels] * len(todo))  # in order; Pillow's decoders release the GIL
+            for i, image in zip(todo, decoded):
                 if isinstance(image, ImageDecodeError):
                     bad.append((folder.paths[i], image.reason))
                 else:

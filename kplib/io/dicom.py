@@ -45,12 +45,16 @@ def is_dicom(data: bytes) -> bool:
     return data[128:132] == b"DICM"
 
 
+#: How to raise the decompression-bomb limit, for the command line and for Python.
+RAISE_LIMIT = fix(cli="--max-pixels N", python="max_pixels=N")
+
+
 def check_size(path: Path, width: int, height: int, limit: int | None, what: str = "") -> None:
     """The decompression-bomb guard: an image of more than ``limit`` pixels is refused before it is decoded."""
     if limit is not None and width * height > limit:
         raise ImageDecodeError(path, f"image too large: {width}×{height} = {width * height} pixels{what} exceeds the "
                                      f"decompression-bomb limit of {limit} pixels; it was not decoded. If the file is "
-                                     f"trusted, raise the limit {fix(cli='--max-pixels N', python='max_pixels=N')} "
+                                     f"trusted, raise the limit {RAISE_LIMIT} "
                                      "or downscale the image")
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageDecodeError, KPLInputError, fix
+from ..errors import ImageDecodeError, KPLInputError
 from ..params import Interval
-from .dicom import DICOM_EXTENSIONS, check_size, dicom_to_image, is_dicom
+from .dicom import DICOM_EXTENSIONS, RAISE_LIMIT, check_size, dicom_to_image, is_dicom
 
 log = logging.getLogger("kplib")
 
@@ -45,7 +45,6 @@ _SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": 
 _READ_ERRORS = {errno.ENOENT: "file not found", errno.EISDIR: "is a directory, not an image file",
                 errno.ELOOP: "symbolic link loop (the link points back to itself)",
                 **dict.fromkeys((errno.EACCES, errno.EPERM), "permission denied (cannot read the file)")}
-_RAISE = fix(cli="--max-pixels N", python="max_pixels=N")
 _PIL_GUARD = threading.Lock()  # Pillow's bomb limit is a process-wide setting: read and raise it under a lock
 
 
@@ -137,7 +136,7 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
     """
     path = Path(path)
     if not (max_pixels is None or Interval(int, 1).accepts(max_pixels)):
-        raise KPLInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r} {_RAISE}")
+        raise KPLInputError(f"max_pixels must be a positive integer or None, got {max_pixels!r} {RAISE_LIMIT}")
     with _PIL_GUARD:
         limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if len(data) == 0:
@@ -150,7 +149,7 @@ def decode_image(data: bytes, path, max_pixels: int | None = None) -> Image.Imag
         return _pillow_decode(data, path, limit)  # Pillow refuses 0-pixel images when it opens them
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(path, f"image too large, refused by the decompression-bomb guard ({exc}); it was not "
-                                     f"decoded. If the file is trusted, raise the limit {_RAISE}") from None
+                                     f"decoded. If the file is trusted, raise the limit {RAISE_LIMIT}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, _unidentified_reason(data)) from None
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error) as exc:
